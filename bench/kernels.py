@@ -1,0 +1,197 @@
+"""Packed low-bit kernels vs torch's dense and low-bit CPU paths, side by side in one run (issue 4).
+
+    python bench/kernels.py [--threads 2] [--reps 30] [--e2e-layers 8] [--skip-e2e]
+
+For (K, N) in (2048, 2048), (4096, 4096), (4096, 11008) and batch 1, 8, 64, times y = x W^T for: torch fp32 and
+bf16 ``F.linear``, torch w4a16 ``_weight_int4pack_mm_for_cpu`` (group 128), torch int8 dynamic quantization
+(``quantized::linear_dynamic``), and qat's packed ternary (2-bit) and binary (1-bit) kernels, each with the
+weight resident in cache (one weight reused) and streamed from memory (rotating over weight copies larger than
+twice the last-level cache). Prints medians, ratios vs fp32 / bf16 / the best torch low-bit path, and the packed
+kernels' achieved GB/s over packed bytes vs the memory read bandwidth measured here. Then end-to-end greedy
+decode tokens/s of a BitNet model with random weights: packed (``pack_model``) vs the same model in HF fp32.
+"""
+
+import argparse
+import copy
+import re
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qat.kernels.packed_linear import packed_linear, selected_path
+from qat.pack.kernel_layout import padded_in_features
+
+SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008)]
+BATCHES = [1, 8, 64]
+INT4_GROUP = 128
+
+
+def last_level_cache_bytes() -> int:
+    """Largest cache size lscpu reports (L3 here), in bytes; 32 MiB if lscpu is unavailable."""
+    try:
+        text = subprocess.run(["lscpu", "-B"], capture_output=True, text=True, timeout=10).stdout
+        sizes = [int(m.group(2)) for m in re.finditer(r"^(L\d\w?) cache:\s+(\d+)", text, re.M)]
+        return max(sizes) if sizes else 32 << 20
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+def median_seconds(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def memory_read_gbps(nbytes: int, reps: int) -> float:
+    """Read bandwidth of a buffer far larger than the cache (torch sum over int64s, all threads)."""
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
+    return nbytes / median_seconds(lambda: buf.sum(), max(5, reps // 3)) / 1e9
+
+
+class Rotation:
+    """Cycle through weight copies so each call reads its weight from memory, not cache."""
+
+    def __init__(self, make_one, bytes_each: int, min_total: int, resident: bool):
+        count = 1 if resident else max(2, -(-min_total // bytes_each))
+        self.items = [make_one(i) for i in range(count)]
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+def make_methods(k: int, n: int, min_total: int, resident: bool):
+    """name -> (callable(x_fp32, x_bf16), weight bytes per call). Built lazily per method to bound memory."""
+    gen = torch.Generator().manual_seed(0)
+
+    def dense(dtype):
+        def make(_):
+            return (torch.randn(n, k, generator=gen) * 0.02).to(dtype)
+        rot = Rotation(make, n * k * torch.finfo(dtype).bits // 8, min_total, resident)
+        use_bf16 = dtype == torch.bfloat16
+        return (lambda x, xb: F.linear(xb if use_bf16 else x, rot.next())), n * k * torch.finfo(dtype).bits // 8
+
+    def int4():
+        scale_zero = torch.stack([torch.full((k // INT4_GROUP, n), 0.01), torch.zeros(k // INT4_GROUP, n)], -1)
+        make = lambda _: torch._convert_weight_to_int4pack_for_cpu(
+            torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1)
+        rot = Rotation(make, n * k // 2, min_total, resident)
+        return (lambda x, xb: torch._weight_int4pack_mm_for_cpu(xb, rot.next(), INT4_GROUP, scale_zero.bfloat16())), \
+            n * k // 2
+
+    def int8_dynamic():
+        def make(_):
+            q = torch._make_per_tensor_quantized_tensor(
+                torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen), 0.01, 0)
+            return torch.ops.quantized.linear_prepack(q, None)
+        rot = Rotation(make, n * k, min_total, resident)
+        return (lambda x, xb: torch.ops.quantized.linear_dynamic(x, rot.next())), n * k
+
+    def packed(bits):
+        row_bytes = padded_in_features(k, bits) * bits // 8
+        scale = torch.full((n, 1), 0.01)
+        make = lambda _: torch.randint(0, 256, (n, row_bytes), dtype=torch.uint8, generator=gen)
+        rot = Rotation(make, n * row_bytes, min_total, resident)
+        return (lambda x, xb: packed_linear(x, rot.next(), scale, bits, k, k)), n * row_bytes
+
+    return {"fp32": lambda: dense(torch.float32), "bf16": lambda: dense(torch.bfloat16),
+            "int4 w4a16": int4, "int8 dyn": int8_dynamic,
+            "ternary 2b": lambda: packed(2), "binary 1b": lambda: packed(1)}
+
+
+def kernel_table(reps: int, llc: int, read_gbps: float) -> None:
+    min_total = 2 * llc
+    print(f"\n| K x N | batch | mode | " + " | ".join(
+        ["fp32 ms", "bf16 ms", "int4 ms", "int8 ms", "tern ms", "bin ms",
+         "tern/fp32", "tern/bf16", "tern/best-lowbit", "bin/fp32", "tern GB/s", "tern % of read BW"]) + " |")
+    print("|" + "---|" * 15)
+    for k, n in SHAPES:
+        for resident in (True, False):
+            factories = make_methods(k, n, min_total, resident)
+            results = {b: {} for b in BATCHES}
+            for name, factory in factories.items():
+                call, nbytes = factory()
+                for batch in BATCHES:
+                    x = torch.randn(batch, k)
+                    xb = x.bfloat16()
+                    results[batch][name] = (median_seconds(lambda: call(x, xb), reps), nbytes)
+                del call
+            for batch in BATCHES:
+                r = {name: t for name, (t, _) in results[batch].items()}
+                tern_bytes = results[batch]["ternary 2b"][1]
+                best_low = min(r["int4 w4a16"], r["int8 dyn"])
+                gbps = tern_bytes / r["ternary 2b"] / 1e9
+                cells = [f"{r[m] * 1e3:.3f}" for m in factories] + [
+                    f"{r['fp32'] / r['ternary 2b']:.1f}x", f"{r['bf16'] / r['ternary 2b']:.1f}x",
+                    f"{best_low / r['ternary 2b']:.1f}x", f"{r['fp32'] / r['binary 1b']:.1f}x",
+                    f"{gbps:.1f}", f"{100 * gbps / read_gbps:.0f}%" if not resident else "-"]
+                mode = "cache" if resident else "stream"
+                print(f"| {k}x{n} | {batch} | {mode} | " + " | ".join(cells) + " |", flush=True)
+
+
+def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)   # warm up
+        start = time.perf_counter()
+        out = model.generate(prompt, **kwargs)
+        elapsed = time.perf_counter() - start
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return new_tokens / elapsed
+
+
+def end_to_end(layers: int, hidden: int, intermediate: int, vocab: int, new_tokens: int) -> None:
+    from qat.nn.config import ArchConfig, QuantConfig
+    from qat.nn.convert import build_model, convert_to_qat
+    from qat.nn.packed_linear import pack_model
+
+    torch.manual_seed(0)
+    arch = ArchConfig(family="bitnet", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128)
+    dense = build_model(arch).eval()
+    packed = pack_model(convert_to_qat(copy.deepcopy(dense), QuantConfig()), inplace=True)
+    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    params = sum(p.numel() for p in dense.parameters())
+    fp32_tps = decode_tokens_per_second(dense, prompt, new_tokens)
+    packed_tps = decode_tokens_per_second(packed, prompt, new_tokens)
+    print(f"\nEnd-to-end greedy decode, BitNet {layers} layers, hidden {hidden}, intermediate {intermediate}, "
+          f"vocab {vocab} ({params / 1e6:.0f}M params), {new_tokens} new tokens after a 16-token prompt:")
+    print("| model | tokens/s | ratio |\n|---|---|---|")
+    print(f"| HF fp32 | {fp32_tps:.2f} | 1.0x |")
+    print(f"| packed ternary (qat) | {packed_tps:.2f} | {packed_tps / fp32_tps:.1f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--e2e-layers", type=int, default=8)
+    parser.add_argument("--e2e-hidden", type=int, default=2048)
+    parser.add_argument("--e2e-intermediate", type=int, default=5632)
+    parser.add_argument("--e2e-vocab", type=int, default=32000)
+    parser.add_argument("--e2e-tokens", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    llc = last_level_cache_bytes()
+    read_gbps = memory_read_gbps(max(4 * llc, 1 << 30), args.reps)
+    print(f"torch {torch.__version__}, {args.threads} threads, kernel path {selected_path()}, last-level cache "
+          f"{llc / 2**20:.0f} MiB, streamed sets rotate over >= {2 * llc / 2**20:.0f} MiB, "
+          f"memory read bandwidth {read_gbps:.1f} GB/s")
+    if not args.skip_kernels:
+        kernel_table(args.reps, llc, read_gbps)
+    if not args.skip_e2e:
+        end_to_end(args.e2e_layers, args.e2e_hidden, args.e2e_intermediate, args.e2e_vocab, args.e2e_tokens)
+
+
+if __name__ == "__main__":
+    main()

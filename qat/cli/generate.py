@@ -1,0 +1,45 @@
+"""``qat generate``: greedy decoding with the packed kernels, from an exported HF BitNet folder."""
+
+import sys
+import time
+
+from qat.errors import CheckpointError
+
+
+def generate(model: str, prompt: str, max_new_tokens: int = 32, packed: bool = True, threads: int = 0) -> str:
+    """Greedy-decode ``prompt`` with a local HF model folder (``qat export --format hf`` output).
+
+    Args:
+        model: folder with config.json, the weights and the tokenizer.
+        prompt: text to continue.
+        max_new_tokens: tokens to generate.
+        packed: run the quantized layers on qat's packed kernels (False: the layers as loaded).
+        threads: torch CPU threads (0: torch's default).
+    """
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qat.nn.packed_linear import pack_model
+
+    if not Path(model, "config.json").is_file():
+        raise CheckpointError(f"{model!r} is not an HF model folder (no config.json); export one with "
+                              "`qat export --format hf` first")
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model, device_map="cpu", dtype=torch.float32).eval()
+    if packed:
+        lm = pack_model(lm, inplace=True)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
+    seconds = time.perf_counter() - start
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    print(text)
+    print(f"[qat] {out.shape[1] - ids.shape[1]} tokens in {seconds:.2f} s "
+          f"({'packed' if packed else 'unpacked'})", file=sys.stderr)
+    return text

@@ -1,0 +1,72 @@
+"""The ``qat`` command: a table of verbs. ``fit``/``validate`` are LightningCLI subcommands; every other verb is
+a typed function whose signature and docstring jsonargparse turns into flags and ``--help``."""
+
+import importlib
+import os
+import sys
+
+from qat.errors import QATError
+
+LIGHTNING_VERBS = ("fit", "validate")
+
+# verb -> "module:function"; imported lazily so `qat --help` stays fast.
+COMMANDS = {
+    "run": "qat.cli.run:run",
+    "export": "qat.cli.export:export",
+    "eval": "qat.cli.evaluate:evaluate",
+    "generate": "qat.cli.generate:generate",
+    "submit": "qat.cli.submit:submit",
+    "status": "qat.cli.submit:status",
+    "cancel": "qat.cli.submit:cancel",
+}
+
+
+def _set_offline_defaults() -> None:
+    # Nothing is ever downloaded from a hub at run time.
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}.items():
+        os.environ.setdefault(key, value)
+
+
+def _option_name_with_underscores(arg: str) -> str:
+    # `--gpus-per-node 2` and `--gpus_per_node 2` both work (jsonargparse names options after the parameters).
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg.partition("=")
+    return "--" + name[2:].replace("-", "_") + sep + value
+
+
+def usage() -> str:
+    verbs = ", ".join((*LIGHTNING_VERBS, *COMMANDS))
+    return f"usage: qat <verb> [--help] ...\nverbs: {verbs}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _set_offline_defaults()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    try:
+        if verb in LIGHTNING_VERBS:
+            from qat.cli.fit import fit_cli
+
+            fit_cli([verb, *rest])
+            return 0
+        if verb not in COMMANDS:
+            print(f"qat: unknown verb {verb!r}\n{usage()}", file=sys.stderr)
+            return 2
+        from jsonargparse import auto_cli
+
+        module, function = COMMANDS[verb].split(":")
+        auto_cli(getattr(importlib.import_module(module), function), args=[_option_name_with_underscores(a) for a in rest],
+                 as_positional=True)
+        return 0
+    except QATError as e:
+        print(f"qat {verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""``packed_linear``: int8-per-token activations x packed ternary/binary weights, dispatched to a kernel path.
+
+Math (BitNet b1.58, arXiv 2402.17764): ``y = (x_codes . w_codes) * w_scale / x_scale`` with
+``x_codes, x_scale = absmax_int8_per_token(x)``, summed per group when the weight has per-group scales.
+
+Paths, fastest first: ``triton`` (CUDA tensors), ``avx512_vnni``, ``avx2``, ``portable`` (C++ extension, chosen
+by what the CPU supports) and ``torch`` (pure-torch fallback, same results). ``QAT_KERNEL_PATH=<name>``
+forces a CPU path (tests run each in turn); ``auto`` or unset picks the fastest the CPU supports.
+"""
+
+import functools
+import os
+
+import torch
+
+from qat.errors import QATError
+from qat.kernels.extension import KernelBuildError, load_cpu_extension
+from qat.pack.kernel_layout import (BINARY_BITS, TERNARY_BITS, unpack_binary_1bit, unpack_ternary_2bit,
+                                    values_per_block)
+from qat.quant.activation import absmax_int8_per_token
+
+CPU_PATHS = ("avx512_vnni", "avx2", "portable", "torch")
+NATIVE_PATHS = CPU_PATHS[:-1]
+PATH_ENV = "QAT_KERNEL_PATH"
+MAX_NATIVE_GROUPS = 64  # per-row group accumulators the C++ kernels keep on the stack
+
+
+class KernelPathError(QATError, ValueError):
+    """A forced kernel path is unknown or this machine cannot run it."""
+
+
+@functools.cache
+def _native_ops():
+    load_cpu_extension()
+    ops = torch.ops.qat_kernels
+
+    @torch.library.register_fake("qat_kernels::packed_linear_out")
+    def _(x, packed, scale, bits, in_features, group_size, path, out):
+        return None
+
+    return ops
+
+
+def path_support(path: str) -> tuple[bool, str]:
+    """Whether ``path`` can run here, and if not, why (for skips and error messages)."""
+    if path == "torch":
+        return True, ""
+    if path not in NATIVE_PATHS:
+        return False, f"unknown kernel path {path!r}; known: {', '.join(CPU_PATHS)}"
+    try:
+        ops = _native_ops()
+    except KernelBuildError as err:
+        return False, str(err)
+    if not ops.cpu_supports(path):
+        return False, f"this CPU lacks the instructions of the {path!r} path"
+    return True, ""
+
+
+@functools.cache
+def _auto_path() -> str:
+    return next(p for p in CPU_PATHS if path_support(p)[0])
+
+
+def selected_path() -> str:
+    """The CPU path to run: ``$QAT_KERNEL_PATH`` if set (checked), else the fastest supported one."""
+    forced = os.environ.get(PATH_ENV, "auto")
+    if forced == "auto":
+        return _auto_path()
+    ok, why = path_support(forced)
+    if not ok:
+        raise KernelPathError(f"{PATH_ENV}={forced}: {why}. Unset it or pick one of: "
+                              f"{', '.join(p for p in CPU_PATHS if path_support(p)[0])}")
+    return forced
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    if bits == TERNARY_BITS:
+        return unpack_ternary_2bit(packed, in_features, dtype)
+    if bits == BINARY_BITS:
+        return unpack_binary_1bit(packed, in_features, dtype)
+    raise ValueError(f"bits must be {BINARY_BITS} (binary) or {TERNARY_BITS} (ternary), got {bits}")
+
+
+def packed_linear_torch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int,
+                        group_size: int) -> torch.Tensor:
+    """Pure-torch fallback: exact integer dot products (float64 holds them), then the kernels' fp32 epilogue."""
+    rows, groups = scale.shape
+    x_codes, x_scale = absmax_int8_per_token(x.reshape(-1, in_features).float())
+    w_codes = unpack_codes(packed, bits, in_features, torch.float64)
+    dots = torch.einsum("tgk,ngk->tng", x_codes.double().reshape(-1, groups, in_features // groups),
+                        w_codes.reshape(rows, groups, in_features // groups))
+    y = (dots.float() * scale).sum(-1) / x_scale
+    return y.to(x.dtype).reshape(*x.shape[:-1], rows)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int,
+                  group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (..., in_features) float -> (..., out_features) in ``x.dtype``.
+
+    ``packed`` is the kernel layout of :mod:`qat.pack.kernel_layout`; ``scale`` is float32
+    (out_features, groups) with ``groups == 1`` (tensor/row scales) or ``in_features // group_size``.
+    ``out``: optional float32 buffer of tokens x out_features elements that the native paths write into.
+    """
+    if x.is_cuda:
+        from qat.kernels.triton_packed import packed_linear_triton
+
+        return packed_linear_triton(x, packed, scale, bits, in_features, group_size)
+    path = selected_path()
+    # The native kernels apply group scales at block boundaries; other group sizes take the fallback.
+    groups = scale.shape[1]
+    native_groups = groups == 1 or (group_size % values_per_block(bits) == 0 and groups <= MAX_NATIVE_GROUPS)
+    if path == "torch" or not native_groups:
+        return packed_linear_torch(x, packed, scale, bits, in_features, group_size)
+    rows = packed.shape[0]
+    if out is None:
+        out = torch.empty((x.numel() // in_features, rows), dtype=torch.float32)
+    _native_ops().packed_linear_out(x, packed, scale, bits, in_features, group_size, path, out)
+    return out.to(x.dtype).reshape(*x.shape[:-1], rows)

@@ -1,0 +1,66 @@
+"""``BitLinear``: a linear layer trained with fake-quantized weights (and int8 activations) via STE.
+
+Keeps the latent full-precision weight as its parameter; the quantized weight is recomputed from the full
+weight in every forward (also under ZeRO-3, where DeepSpeed gathers the full weight before the forward).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.nn.config import QuantConfig
+from qat.quant import absmax_int8_per_token, dequantize, get_weight_quantizer, straight_through
+
+
+class BitLinear(nn.Linear):
+    """``nn.Linear`` whose forward uses ``codes * scale`` weights and, optionally, int8 per-token inputs.
+
+    Example usage::
+
+        layer = BitLinear.from_linear(nn.Linear(256, 512, bias=False), QuantConfig())
+        codes, scale = layer.quantized_weight()   # codes in {-1, 0, 1}
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: QuantConfig | None = None,
+                 norm_eps: float = 1e-5, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.quant = quant or QuantConfig()
+        self.weight_quantizer = get_weight_quantizer(self.quant.weight)
+        # unilm FAQ variant: RMSNorm inside the layer, before activation quantization.
+        self.rms_norm = (nn.RMSNorm(in_features, eps=norm_eps, device=device, dtype=dtype)
+                           if self.quant.norm_placement == "inlayer" else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant: QuantConfig, norm_eps: float = 1e-5) -> "BitLinear":
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, quant=quant,
+                    norm_eps=norm_eps, device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer codes (dtype of the weight) and scale of the current latent weight."""
+        return self.weight_quantizer(self.weight, self.quant.granularity, self.quant.group_size)
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        codes, scale = self.quantized_weight()
+        return straight_through(self.weight, dequantize(codes, scale, self.quant.granularity, self.quant.group_size))
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
+        if self.quant.activation == "none":
+            return x
+        # Quantize in fp32: under bf16 autocast the product x * scale would lose the integer grid.
+        x32 = x.float()
+        codes, scale = absmax_int8_per_token(x32)
+        return straight_through(x32, codes / scale).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.fake_quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, weight={self.quant.weight}/{self.quant.granularity}, "
+                f"activation={self.quant.activation}, norm={self.quant.norm_placement}")

@@ -1,0 +1,53 @@
+"""Configs of the model and its quantization: plain dataclasses that recipes map onto."""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class QuantConfig:
+    """How linear layers are quantized during training.
+
+    Attributes:
+        weight: weight quantizer name from ``qat.quant.WEIGHT_QUANTIZERS`` (e.g. ``absmean_ternary``).
+        granularity: one weight scale per ``tensor``, per output ``row``, or per ``group`` of inputs.
+        group_size: inputs per scale when ``granularity`` is ``group``.
+        activation: ``int8_per_token`` (BitNet absmax) or ``none`` (16-bit activations).
+        norm_placement: ``subln`` keeps the model's norms (HF ``BitNetForCausalLM`` sub-norms);
+            ``inlayer`` removes the pre-attention/pre-MLP RMSNorm and gives every quantized linear its own
+            RMSNorm before activation quantization (unilm BitNet FAQ).
+        keep_full_precision: module-name patterns (fnmatch, matched against the full name or its last
+            component) whose linear layers stay in full precision.
+    """
+
+    weight: str = "absmean_ternary"
+    granularity: Literal["tensor", "row", "group"] = "tensor"
+    group_size: int = 128
+    activation: Literal["int8_per_token", "none"] = "int8_per_token"
+    norm_placement: Literal["subln", "inlayer"] = "subln"
+    keep_full_precision: list[str] = field(default_factory=lambda: ["lm_head", "embed_tokens"])
+
+
+@dataclass
+class ArchConfig:
+    """A causal LM built from a config (``family`` is a transformers ``model_type``) or loaded from a folder.
+
+    Attributes:
+        family: ``bitnet`` (HF ``BitNetForCausalLM``: SubLN, ReLU²) or ``llama`` (SwiGLU, for ``inlayer``).
+        pretrained: local HF model folder; when set, the size fields below are ignored.
+        vocab_size: 0 takes the tokenizer's size (filled in by the data module).
+    """
+
+    family: Literal["bitnet", "llama"] = "bitnet"
+    pretrained: Optional[str] = None
+    vocab_size: int = 0
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    hidden_act: Optional[str] = None

@@ -1,0 +1,77 @@
+"""Model surgery: build a causal LM from an ``ArchConfig`` and swap its linear layers for ``BitLinear``."""
+
+import fnmatch
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from qat.errors import RecipeError
+from qat.nn.bitlinear import BitLinear
+from qat.nn.config import ArchConfig, QuantConfig
+
+# Decoder-layer norms that the unilm FAQ removes because every BitLinear carries its own RMSNorm.
+PRE_BLOCK_NORMS = ("input_layernorm", "post_attention_layernorm")
+_ARCH_KEYS_NOT_IN_HF = ("family", "pretrained")
+
+
+def hf_config(arch: ArchConfig):
+    """The transformers config of ``arch`` (loaded from ``arch.pretrained`` when set)."""
+    if arch.pretrained:
+        if not Path(arch.pretrained, "config.json").is_file():
+            raise RecipeError(f"model.arch.pretrained={arch.pretrained!r} has no config.json; point it at a local "
+                              "HF model folder (qat never downloads from a hub)")
+        return AutoConfig.from_pretrained(arch.pretrained)
+    if arch.vocab_size <= 0:
+        raise RecipeError("model.arch.vocab_size is unset; it is filled from the tokenizer by `qat fit`, or set it")
+    if arch.hidden_size % arch.num_attention_heads:
+        raise RecipeError(f"model.arch.hidden_size={arch.hidden_size} is not divisible by "
+                          f"num_attention_heads={arch.num_attention_heads}")
+    kwargs = {k: v for k, v in asdict(arch).items() if k not in _ARCH_KEYS_NOT_IN_HF and v is not None}
+    kwargs["head_dim"] = arch.hidden_size // arch.num_attention_heads
+    return AutoConfig.for_model(arch.family, **kwargs)
+
+
+def build_model(arch: ArchConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM from ``arch``: weights from ``arch.pretrained`` or freshly initialised."""
+    if arch.pretrained:
+        return AutoModelForCausalLM.from_pretrained(arch.pretrained, dtype=dtype)
+    return AutoModelForCausalLM.from_config(hf_config(arch), dtype=dtype)
+
+
+def keeps_full_precision(name: str, patterns: list[str]) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(last, p) for p in patterns)
+
+
+def convert_to_qat(model: nn.Module, quant: QuantConfig) -> nn.Module:
+    """Replace every ``nn.Linear`` not kept in full precision by a ``BitLinear`` holding the same weights.
+
+    With ``quant.norm_placement == "inlayer"`` the pre-attention and pre-MLP norms become identities (the
+    quantized layers normalise their own inputs). Returns ``model`` (changed in place).
+
+    Raises:
+        RecipeError: unknown quantizer, or no linear layer left to quantize.
+    """
+    eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", 1e-5))
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BitLinear) or not isinstance(module, nn.Linear):
+            continue
+        if keeps_full_precision(name, quant.keep_full_precision):
+            continue
+        model.set_submodule(name, BitLinear.from_linear(module, quant, norm_eps=eps))
+        replaced += 1
+    if replaced == 0:
+        raise RecipeError("convert_to_qat found no nn.Linear to quantize; check model.quant.keep_full_precision")
+    if quant.norm_placement == "inlayer":
+        for name, module in list(model.named_modules()):
+            if name.rsplit(".", 1)[-1] in PRE_BLOCK_NORMS:
+                model.set_submodule(name, nn.Identity())
+    return model
+
+
+def bitlinear_layers(model: nn.Module) -> dict[str, BitLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}

@@ -1,0 +1,123 @@
+"""``PackedLinear``: inference twin of ``BitLinear`` holding 2-bit (ternary) or 1-bit (binary) packed weights.
+
+``pack_model`` turns a trained QAT model into a packed inference model. With int8 activations the forward is
+BitLinear's math evaluated exactly in integers by the packed kernels (``qat.kernels``):
+``y = (x_codes . w_codes) * w_scale / x_scale (+ bias)``; with 16-bit activations (``activation: none``) it
+unpacks the codes and runs ``F.linear`` on ``codes * scale``, as BitLinear does.
+"""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.errors import ExportError
+from qat.kernels.packed_linear import packed_linear, unpack_codes
+from qat.nn.bitlinear import BitLinear
+from qat.pack.kernel_layout import (BINARY_BITS, TERNARY_BITS, pack_binary_1bit, pack_ternary_2bit,
+                                    ternary_2bit_from_hf)
+from qat.quant.registry import QUANTIZER_LEVELS
+from transformers.integrations.bitnet import BitLinear as HFBitLinear
+
+BITS_BY_LEVELS = {(-1, 0, 1): TERNARY_BITS, (-1, 1): BINARY_BITS}
+PACKERS = {TERNARY_BITS: pack_ternary_2bit, BINARY_BITS: pack_binary_1bit}
+
+
+class PackedLinear(nn.Module):
+    """Linear layer over packed ternary/binary codes with per-tensor/row/group scales.
+
+    Buffers: ``packed`` uint8 (out, padded_in * bits / 8) in the kernel layout, ``scale`` float32
+    (out, groups), optional ``bias``. ``rms_norm`` is BitLinear's in-layer RMSNorm (``inlayer`` placement).
+
+    Example usage::
+
+        packed = PackedLinear.from_bitlinear(bitlinear_layer)
+        y = packed(x)   # == bitlinear_layer(x) up to fp32 rounding
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, packed: torch.Tensor, scale: torch.Tensor,
+                 group_size: int, activation: str = "int8_per_token", bias: torch.Tensor | None = None,
+                 rms_norm: nn.Module | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size, self.activation = group_size, activation
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("bias", bias)
+        self.rms_norm = rms_norm
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear) -> "PackedLinear":
+        """Pack ``layer``'s current quantized weight.
+
+        Raises:
+            ExportError: the layer's quantizer has levels no packed format holds (only ternary and binary).
+        """
+        levels = tuple(QUANTIZER_LEVELS.get(layer.quant.weight, ()))
+        if levels not in BITS_BY_LEVELS:
+            raise ExportError(f"cannot pack a layer quantized by {layer.quant.weight!r} (levels {levels}); packed "
+                              "kernels hold ternary (-1, 0, 1) and binary (-1, 1) codes. Keep this model unpacked.")
+        bits = BITS_BY_LEVELS[levels]
+        with torch.no_grad():
+            codes, scale = layer.quantized_weight()
+            out_features, in_features = codes.shape
+            # tensor (1, 1) / row (out, 1) / group (out, groups, 1) -> (out, groups)
+            scale = scale.float().reshape(scale.shape[0], -1).expand(out_features, -1).contiguous()
+            packed = PACKERS[bits](codes.round().to(torch.int8))
+            bias = None if layer.bias is None else layer.bias.detach().clone()
+        group_size = layer.quant.group_size if layer.quant.granularity == "group" else in_features
+        return cls(in_features, out_features, bits, packed, scale, group_size, layer.quant.activation, bias,
+                   copy.deepcopy(layer.rms_norm))
+
+    @classmethod
+    def from_hf_bitlinear(cls, layer: HFBitLinear) -> "PackedLinear":
+        """Repack an HF ``BitNetForCausalLM`` layer (``linear_class: bitlinear``, packed uint8 weights) exactly.
+
+        HF divides by ``weight_scale`` (= 1 / absmean, notes §7); its activation quantizer is BitNet's absmax,
+        the same formula as ours, so the packed layer computes what the HF layer computes.
+        """
+        out_features, in_features = layer.out_features, layer.in_features
+        scale = (1.0 / layer.weight_scale.detach().float()).reshape(1, 1).expand(out_features, 1).contiguous()
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        return cls(in_features, out_features, TERNARY_BITS, ternary_2bit_from_hf(layer.weight), scale, in_features,
+                   "int8_per_token", bias, copy.deepcopy(layer.rms_norm))
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.packed, self.bits, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes = self.codes().to(dtype).reshape(self.out_features, self.scale.shape[1], -1)
+        return (codes * self.scale.to(dtype).unsqueeze(-1)).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
+        if self.activation == "none":
+            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        y = packed_linear(x, self.packed, self.scale, self.bits, self.in_features, self.group_size)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "ternary" if self.bits == TERNARY_BITS else "binary"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind} {self.bits}-bit, "
+                f"groups={self.scale.shape[1]}, activation={self.activation}, bias={self.bias is not None}")
+
+
+def pack_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every ``BitLinear`` (qat's, or HF's packed BitNet layer) of ``model`` (a copy unless ``inplace``)
+    by its ``PackedLinear``.
+
+    Raises:
+        ExportError: the model has no quantized layer, or one whose quantizer cannot be packed.
+    """
+    packed_model = model if inplace else copy.deepcopy(model)
+    layers = [(name, m) for name, m in packed_model.named_modules() if isinstance(m, (BitLinear, HFBitLinear))]
+    if not layers:
+        raise ExportError("pack_model found no BitLinear layer; convert the model with qat.nn.convert_to_qat, "
+                          "load a QAT checkpoint or an HF BitNet export before packing")
+    for name, layer in layers:
+        packed = (PackedLinear.from_bitlinear(layer) if isinstance(layer, BitLinear)
+                  else PackedLinear.from_hf_bitlinear(layer))
+        packed_model.set_submodule(name, packed)
+    return packed_model.eval()

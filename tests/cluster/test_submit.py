@@ -1,0 +1,86 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qat.cluster.slurm import cancel, job_state, partitions, submit_batch_script
+from qat.cluster.submit import SlurmJob, check_job, render_sbatch_script, submit_to_slurm, time_limit_seconds
+from qat.errors import ClusterError, RecipeError
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "bitnet-b158-tiny.yaml"
+
+
+def wait_until_done(job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} not done after {timeout} s: {job_state(job_id)}")
+
+
+def test_time_limits():
+    assert time_limit_seconds("01:02:03") == 3723
+    assert time_limit_seconds("2-00:00:10") == 2 * 86400 + 10
+    with pytest.raises(ClusterError, match="HH:MM:SS"):
+        time_limit_seconds("90")
+
+
+def test_dry_run_script_has_the_launch_contract(tmp_path):
+    job = SlurmJob(recipe=RECIPE, nodes=2, time="00:30:00", signal_margin_s=90, strategy="deepspeed_stage_2",
+                   run_dir=tmp_path / "run", overrides=["--trainer.max_steps=5"])
+    script = render_sbatch_script(job, "debug")
+    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=debug",
+                 "#SBATCH --signal=USR1@90", "#SBATCH --requeue", f"#SBATCH --output={tmp_path}/run/slurm-%j.out",
+                 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)']:
+        assert line in script.splitlines(), line
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert f"--config {RECIPE}" in srun and "--trainer.num_nodes=2" in srun and "--trainer.devices=1" in srun
+    assert "--trainer.strategy=deepspeed_stage_2" in srun and "--resume auto" in srun
+    assert srun.endswith("--trainer.max_steps=5")
+    gpu = render_sbatch_script(SlurmJob(recipe=RECIPE, gpus_per_node=4, run_dir=tmp_path), None)
+    assert "#SBATCH --gpus-per-node=4" in gpu and "#SBATCH --ntasks-per-node=4" in gpu and "--partition" not in gpu
+    with pytest.raises(ClusterError, match="signal-margin"):
+        render_sbatch_script(SlurmJob(recipe=RECIPE, time="00:01:00", signal_margin_s=120), "debug")
+
+
+def test_missing_recipe_and_missing_sbatch_are_reported(tmp_path, monkeypatch):
+    with pytest.raises(RecipeError, match="does not exist"):
+        submit_to_slurm(SlurmJob(recipe=tmp_path / "nope.yaml"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM client on PATH
+    with pytest.raises(ClusterError, match="`sinfo` not found.*local-cluster.sh"):
+        submit_to_slurm(SlurmJob(recipe=RECIPE))
+
+
+@pytest.mark.cluster
+def test_cluster_rejects_jobs_it_cannot_run(slurm_cluster):
+    available = partitions()
+    assert {"debug", "urgent"} <= set(available) and available["debug"].nodes == 2 and available["debug"].default
+    assert check_job(SlurmJob(recipe=RECIPE, nodes=2), available).name == "debug"
+    with pytest.raises(ClusterError, match="unknown partition 'gpu'; this cluster has: debug, urgent"):
+        submit_to_slurm(SlurmJob(recipe=RECIPE, partition="gpu"))
+    with pytest.raises(ClusterError, match="--nodes=3 but partition 'debug' has only 2"):
+        submit_to_slurm(SlurmJob(recipe=RECIPE, nodes=3))
+    with pytest.raises(ClusterError, match="have 0 GPU"):
+        submit_to_slurm(SlurmJob(recipe=RECIPE, gpus_per_node=1))
+
+
+@pytest.mark.cluster
+def test_batch_script_runs_on_both_emulated_nodes_and_cancel_works(slurm_cluster, tmp_path):
+    out = tmp_path / "out-%j.txt"
+    job_id = submit_batch_script(f"#!/bin/bash\n#SBATCH -N 2 --ntasks-per-node=1 -o {out}\n"
+                                 "srun bash -c 'echo rank $SLURM_PROCID on $SLURMD_NODENAME'\n")
+    assert wait_until_done(job_id)["JobState"] == "COMPLETED"
+    lines = sorted(Path(str(out).replace("%j", job_id)).read_text().split("\n"))
+    assert [line for line in lines if line] == ["rank 0 on node1", "rank 1 on node2"]
+
+    sleeper = submit_batch_script(f"#!/bin/bash\n#SBATCH -N 1 -o {tmp_path}/sleep.txt\nsleep 300\n")
+    status = subprocess.run([sys.executable, "-m", "qat.cli.main", "status", "--job-id", sleeper], capture_output=True,
+                            text=True, cwd=REPO, timeout=60)
+    assert f"job {sleeper}:" in status.stdout and "restarts=0" in status.stdout
+    cancel(sleeper)
+    assert wait_until_done(sleeper)["JobState"] == "CANCELLED"

@@ -1,0 +1,73 @@
+"""GGUF TQ2_0/TQ1_0 export, read back with gguf's own reader: the same ternary codes and fp16 scales."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from tokenizers import ByteLevelBPETokenizer
+from transformers import PreTrainedTokenizerFast
+
+from qat.errors import ExportError
+from qat.export.gguf import export_gguf
+from qat.nn.config import ArchConfig, QuantConfig
+from qat.nn.convert import build_model, convert_to_qat
+from qat.nn.packed_linear import pack_model
+from qat.pack.gguf_ternary import TQ_TYPES, unpack_tq
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300,
+                            special_tokens=["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+
+
+def tiny_bitnet(tokenizer, quant: QuantConfig):
+    torch.manual_seed(0)
+    arch = ArchConfig(family="bitnet", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return convert_to_qat(build_model(arch), quant).eval()
+
+
+@pytest.mark.parametrize("qtype", sorted(TQ_TYPES))
+@pytest.mark.parametrize("granularity,packed", [("tensor", False), ("row", True)])
+def test_gguf_holds_exact_codes_and_scales(tokenizer, tmp_path, qtype, granularity, packed):
+    model = tiny_bitnet(tokenizer, QuantConfig(granularity=granularity))
+    expected = {name: m.quantized_weight() for name, m in model.named_modules() if hasattr(m, "quantized_weight")}
+    source = pack_model(model) if packed else model
+    out = export_gguf(source, tokenizer, tmp_path / f"m-{qtype}.gguf", qtype)
+    reader = GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == "bitnet"
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[:3] == tokenizer.convert_ids_to_tokens([0, 1, 2])
+    layer0 = "model.layers.0.self_attn.q_proj"
+    codes, scale = expected[layer0]
+    t = tensors["blk.0.attn_q.weight"]
+    assert t.tensor_type == TQ_TYPES[qtype]
+    for hf_name, gguf_name in [(layer0, "blk.0.attn_q.weight"), ("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight")]:
+        codes, scale = expected[hf_name]
+        t = tensors[gguf_name]
+        got_codes, got_d = unpack_tq(np.asarray(t.data), t.tensor_type, tuple(codes.shape))
+        assert torch.equal(got_codes, codes.to(torch.int8))
+        want_d = scale.reshape(scale.shape[0], -1).expand(codes.shape[0], codes.shape[1] // 256).half().float()
+        nonzero = (codes.reshape(codes.shape[0], -1, 256) != 0).any(-1)      # all-zero blocks store d = 0
+        assert torch.equal(got_d[nonzero], want_d[nonzero])
+    assert "blk.1.attn_sub_norm.weight" in tensors and "blk.1.ffn_sub_norm.weight" in tensors
+    assert "output.weight" in tensors and "token_embd.weight" in tensors
+    norm = tensors["output_norm.weight"]
+    np.testing.assert_array_equal(np.asarray(norm.data), model.model.norm.weight.detach().numpy())
+
+
+def test_rows_not_multiple_of_256_are_rejected_before_writing(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    arch = ArchConfig(family="bitnet", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4)
+    model = convert_to_qat(build_model(arch), QuantConfig())
+    with pytest.raises(ExportError, match="multiple of 256"):
+        export_gguf(model, tokenizer, tmp_path / "bad.gguf", "tq2_0")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ExportError, match="unknown GGUF type"):
+        export_gguf(model, tokenizer, tmp_path / "bad.gguf", "q4_0")

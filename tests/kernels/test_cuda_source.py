@@ -1,0 +1,27 @@
+"""The CUDA GEMV source compiles with the local nvcc for sm_80 and sm_90 and uses dp4a."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from qat.kernels.extension import SOURCE_DIR
+
+pytestmark = pytest.mark.kernels
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: the CUDA source cannot be compiled here")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_source_compiles(arch, tmp_path):
+    source = SOURCE_DIR / "cuda" / "packed_gemv.cu"
+    ptx = tmp_path / f"packed_gemv_{arch}.ptx"
+    cubin = tmp_path / f"packed_gemv_{arch}.cubin"
+    for flag, out in (("-ptx", ptx), ("-cubin", cubin)):
+        run = subprocess.run([NVCC, "-O3", f"-arch={arch}", flag, str(source), "-o", str(out)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+    text = ptx.read_text()
+    assert "dp4a." in text                                   # 4 int8 products per instruction
+    assert text.count(".entry") == 2 and "packed_gemv_kernel" in text   # ternary and binary instantiations
+    assert cubin.stat().st_size > 0

@@ -1,0 +1,80 @@
+"""Every CPU path of qat.kernels.packed_linear, forced in turn, against the float64 reference."""
+
+import pytest
+import torch
+
+from qat.kernels.packed_linear import (CPU_PATHS, KernelPathError, packed_linear, packed_linear_torch, path_support,
+                                       selected_path)
+from packed_reference import assert_matches_reference, random_problem
+
+pytestmark = pytest.mark.kernels
+
+# (tokens, out_features, in_features, groups): odd sizes, sizes off the 256/512 blocks, the token tile (4) and the
+# int8-GEMM batch (32, avx512_vnni only), per-group scales on block multiples.
+SHAPES = [(1, 1, 1, 1), (1, 7, 300, 1), (3, 33, 1000, 1), (5, 16, 1024, 2), (9, 65, 517, 1), (40, 24, 700, 1),
+          (33, 19, 1536, 3), (2, 4, 4096, 4)]
+
+
+@pytest.fixture(params=CPU_PATHS)
+def forced_path(request, monkeypatch):
+    ok, why = path_support(request.param)
+    if not ok:
+        pytest.skip(f"path {request.param}: {why}")
+    monkeypatch.setenv("QAT_KERNEL_PATH", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_path_matches_float64_reference(forced_path, bits, shape):
+    tokens, rows, in_features, groups = shape
+    if groups > 1 and (in_features // groups) % (256 if bits == 2 else 512):
+        groups = 1   # the binary block is 512 wide; these shapes test groups for ternary
+    codes, packed, scale, x = random_problem(bits, tokens, rows, in_features, groups, seed=hash(shape) % 1000 + bits)
+    out = torch.full((tokens, rows), float("nan"))
+    y = packed_linear(x, packed, scale, bits, in_features, in_features // groups, out=out)
+    assert selected_path() == forced_path
+    assert y.shape == (tokens, rows)
+    assert_matches_reference(y, x, codes, scale)
+
+
+def test_paths_agree_bitwise_and_keep_leading_dims(monkeypatch):
+    """All paths share one fp32 epilogue, so tensor/row-scale results are bit-identical across paths."""
+    codes, packed, scale, x = random_problem(2, 6, 40, 777, 1, seed=7)
+    x = x.reshape(2, 3, 777)
+    results = {}
+    for path in CPU_PATHS:
+        if path_support(path)[0]:
+            monkeypatch.setenv("QAT_KERNEL_PATH", path)
+            results[path] = packed_linear(x, packed, scale, 2, 777, 777)
+    assert len(results) >= 2
+    first = next(iter(results.values()))
+    assert first.shape == (2, 3, 40)
+    for path, y in results.items():
+        assert torch.equal(y, first), path
+
+
+def test_bf16_input_gives_bf16_output(monkeypatch):
+    codes, packed, scale, x = random_problem(2, 3, 20, 300, 1, seed=3)
+    y = packed_linear(x.bfloat16(), packed, scale, 2, 300, 300)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, packed_linear_torch(x.bfloat16(), packed, scale, 2, 300, 300))
+
+
+def test_group_size_off_the_block_falls_back_to_torch():
+    codes, packed, scale, x = random_problem(2, 2, 8, 384, 3, seed=5)   # groups of 128 < the 256-value block
+    assert_matches_reference(packed_linear(x, packed, scale, 2, 384, 128), x, codes, scale)
+
+
+def test_unknown_or_unsupported_path_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("QAT_KERNEL_PATH", "sse9")
+    with pytest.raises(KernelPathError, match="unknown kernel path 'sse9'.*Unset it or pick one of"):
+        selected_path()
+
+
+def test_native_op_rejects_wrong_in_features():
+    _, packed, scale, x = random_problem(2, 1, 8, 300, 1, seed=1)
+    if not path_support("portable")[0]:
+        pytest.skip(path_support("portable")[1])
+    with pytest.raises(RuntimeError, match="layer expects 301"):
+        packed_linear(x, packed, scale, 2, 301, 301)

@@ -1,0 +1,50 @@
+"""Kernel-layout packers: exact round trips, the documented bit positions, exact conversion from the HF layout."""
+
+import pytest
+import torch
+
+from qat.pack.hf_bitnet import pack_ternary_hf
+from qat.pack.kernel_layout import (pack_binary_1bit, pack_ternary_2bit, padded_in_features, ternary_2bit_from_hf,
+                                    unpack_binary_1bit, unpack_ternary_2bit)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 255), (5, 256), (8, 1000), (4, 4096)])
+def test_ternary_round_trip_and_size(shape):
+    codes = torch.randint(-1, 2, shape, generator=torch.Generator().manual_seed(sum(shape)))
+    packed = pack_ternary_2bit(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (shape[0], padded_in_features(shape[1], 2) // 4)
+    assert torch.equal(unpack_ternary_2bit(packed, shape[1]), codes.to(torch.int8))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 511), (5, 512), (7, 1300)])
+def test_binary_round_trip_and_size(shape):
+    codes = torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(sum(shape))) * 2 - 1
+    packed = pack_binary_1bit(codes)
+    assert packed.shape == (shape[0], padded_in_features(shape[1], 1) // 8)
+    assert torch.equal(unpack_binary_1bit(packed, shape[1]), codes.to(torch.int8))
+
+
+def test_bit_positions_follow_the_documented_layout():
+    """Element 64 * plane + j of a block sits in byte j, bits [2 plane, 2 plane + 2), stored as code + 1."""
+    codes = torch.zeros(1, 512, dtype=torch.int64)
+    codes[0, 64 * 2 + 5] = 1            # block 0, plane 2, byte 5 -> stored 2 at bits 4..5
+    codes[0, 256 + 64 * 3 + 63] = -1    # block 1, plane 3, byte 63 -> stored 0 at bits 6..7
+    packed = pack_ternary_2bit(codes)[0]
+    zero_byte = 0b01010101              # code 0 -> stored 1 in all four planes
+    assert packed[5] == (zero_byte & ~(0b11 << 4)) | (2 << 4)
+    assert packed[64 + 63] == zero_byte & ~(0b11 << 6)
+    binary = torch.ones(1, 512, dtype=torch.int64)
+    binary[0, 64 * 7 + 9] = -1          # plane 7, byte 9 -> bit 7 cleared
+    assert pack_binary_1bit(binary)[0, 9] == 0b01111111
+
+
+def test_conversion_from_hf_layout_is_exact():
+    codes = torch.randint(-1, 2, (64, 700), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ternary_2bit_from_hf(pack_ternary_hf(codes)), pack_ternary_2bit(codes))
+
+
+def test_codes_outside_the_levels_are_rejected():
+    with pytest.raises(ValueError, match="codes must be in"):
+        pack_ternary_2bit(torch.tensor([[2, 0]]))
+    with pytest.raises(ValueError, match="codes must be in"):
+        pack_binary_1bit(torch.tensor([[0, 1]]))
