@@ -18,6 +18,7 @@ from qat.errors import CheckpointError
 from qat.export.deepspeed_checkpoint import check_deepspeed_checkpoint
 from qat.train.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
 from qat.train.module import QATLanguageModel
+from qat.train.precision import resolve_precision
 from qat.train.strategies import build_strategy
 from qat.train.wandb_logger import QATWandbLogger
 
@@ -33,12 +34,15 @@ class RunConfig:
         checkpoint_every_n_steps: save ``last.ckpt`` (and a step-numbered copy) this often.
         wandb_project: W&B project.
         wandb_mode: ``auto`` = online iff WANDB_API_KEY is set, else offline.
+        precision: used when ``trainer.precision`` is unset; ``auto`` = bf16-mixed where bf16 is fast
+            (GPU, CPU with AMX/AVX512-BF16), else 32-true.
     """
 
     name: str = "qat-run"
     checkpoint_every_n_steps: int = 100
     wandb_project: str = "qat"
     wandb_mode: Literal["auto", "offline", "online"] = "auto"
+    precision: str = "auto"
 
 
 def newest_good_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
@@ -82,6 +86,9 @@ class QATLightningCLI(LightningCLI):
         run: RunConfig = cfg.run
         run_dir = Path(cfg.trainer.default_root_dir or Path("runs") / run.name)
         kwargs["default_root_dir"] = str(run_dir)
+        accelerator = cfg.trainer.accelerator if isinstance(cfg.trainer.accelerator, str) else "auto"
+        if cfg.trainer.precision is None:
+            kwargs["precision"] = resolve_precision(run.precision, accelerator)
         self.ckpt_path = resolve_resume(cfg.resume, run_dir) if self.subcommand == "fit" else None
         callbacks = list(kwargs.get("callbacks") or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
@@ -98,8 +105,8 @@ class QATLightningCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         add_slurm_requeue(callbacks, plugins)  # no-op outside a SLURM job
         kwargs["plugins"] = plugins
+        kwargs["use_distributed_sampler"] = False  # TextDataModule's sampler shards and resumes itself
         if isinstance(cfg.trainer.strategy, str):  # ddp | deepspeed_stage_N: DeepSpeed also on CPU
-            accelerator = cfg.trainer.accelerator if isinstance(cfg.trainer.accelerator, str) else "auto"
             kwargs["strategy"] = build_strategy(cfg.trainer.strategy, accelerator)
         return super().instantiate_trainer(**kwargs)
 

@@ -8,10 +8,10 @@ import sys
 from qat.errors import QATError
 
 LIGHTNING_VERBS = ("fit", "validate")
+PIPELINE_VERB = "run"  # fit + export + eval; takes the same arguments as `qat fit`
 
 # verb -> "module:function"; imported lazily so `qat --help` stays fast.
 COMMANDS = {
-    "run": "qat.cli.run:run",
     "export": "qat.cli.export:export",
     "eval": "qat.cli.evaluate:evaluate",
     "generate": "qat.cli.generate:generate",
@@ -37,7 +37,7 @@ def _option_name_with_underscores(arg: str) -> str:
 
 
 def usage() -> str:
-    verbs = ", ".join((*LIGHTNING_VERBS, *COMMANDS))
+    verbs = ", ".join((*LIGHTNING_VERBS, PIPELINE_VERB, *COMMANDS))
     return f"usage: qat <verb> [--help] ...\nverbs: {verbs}"
 
 
@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             from qat.cli.fit import fit_cli
 
             fit_cli([verb, *rest])
+            return 0
+        if verb == PIPELINE_VERB:
+            from qat.cli.run import run_pipeline
+
+            run_pipeline(rest)
             return 0
         if verb not in COMMANDS:
             print(f"qat: unknown verb {verb!r}\n{usage()}", file=sys.stderr)

@@ -13,6 +13,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 
 from qat.data.corpus import default_corpus, file_fingerprint
+from qat.data.sampler import ResumableShuffleSampler
 from qat.data.tokenizer import load_tokenizer, tokenizer_dir
 from qat.errors import DataError, RecipeError
 from qat.paths import cache_dir
@@ -89,6 +90,7 @@ class TextDataModule(L.LightningDataModule):
                                             file_fingerprint(self.files["train"]))
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.datasets: dict[str, TokenBlocks] = {}
+        self.resume_global_step = 0
 
     @property
     def vocab_size(self) -> int:
@@ -141,11 +143,33 @@ class TextDataModule(L.LightningDataModule):
         text = self.tokenizer.decode(np.asarray(blocks).reshape(-1).tolist())
         return len(text.encode("utf-8")) / blocks.size
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.datasets["train"], batch_size=self.hparams.batch_size, shuffle=True,
-                          generator=generator, drop_last=True, num_workers=self.hparams.num_workers)
+        # Our sampler shards across ranks itself (qat fit sets use_distributed_sampler=False) and can start
+        # mid-epoch, which Lightning's default sampler replacement cannot.
+        rank, world = self._rank_and_world()
+        sampler = ResumableShuffleSampler(len(self.datasets["train"]), self.hparams.seed, True, rank, world)
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        samples_per_step = self.hparams.batch_size * world * accumulate
+        steps_per_epoch = (len(self.datasets["train"]) - len(self.datasets["train"]) % world) // samples_per_step
+        if self.resume_global_step and steps_per_epoch:
+            epoch, step_in_epoch = divmod(self.resume_global_step, steps_per_epoch)
+            sampler.resume_at(epoch, step_in_epoch * samples_per_step)
+        return DataLoader(self.datasets["train"], batch_size=self.hparams.batch_size, sampler=sampler,
+                          drop_last=True, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["validation"], batch_size=self.hparams.batch_size, shuffle=False,
+        rank, world = self._rank_and_world()
+        sampler = ResumableShuffleSampler(len(self.datasets["validation"]), self.hparams.seed, False, rank, world)
+        return DataLoader(self.datasets["validation"], batch_size=self.hparams.batch_size, sampler=sampler,
                           num_workers=self.hparams.num_workers)
+
+    def state_dict(self) -> dict:
+        # Training position: with one optimizer step per batch, the global step fixes the next sample.
+        return {"global_step": self.trainer.global_step if self.trainer is not None else 0}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.resume_global_step = int(state_dict.get("global_step", 0))

@@ -59,7 +59,22 @@ class BitLinear(nn.Linear):
         return straight_through(x32, codes / scale).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and self.quant.activation != "none" and self.quant.granularity != "group":
+            return self.integer_forward(x)
         return F.linear(self.quantize_input(x), self.fake_quantized_weight(), self.bias)
+
+    def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference math of packed runtimes (HF ``BitLinear``, qat kernels): an integer-valued matmul (exact in
+        fp32 while |sum| < 2^24) rescaled once, ``y = (x_q @ W_q^T) / (x_scale * (1 / w_scale))``."""
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
+        x_codes, x_scale = absmax_int8_per_token(x.float())
+        codes, scale = self.quantized_weight()
+        w_scale = scale.float().reshape(1, -1) if self.quant.granularity == "row" else scale.float().reshape(1)
+        y = F.linear(x_codes, codes.float()) / (x_scale * (1.0 / w_scale))
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, weight={self.quant.weight}/{self.quant.granularity}, "

@@ -9,7 +9,9 @@ class QuantConfig:
     """How linear layers are quantized during training.
 
     Attributes:
-        weight: weight quantizer name from ``qat.quant.WEIGHT_QUANTIZERS`` (e.g. ``absmean_ternary``).
+        weight: weight quantizer name from ``qat.quant.WEIGHT_QUANTIZERS`` (e.g. ``absmean_ternary``), or a
+            binary layer with learnable scales: ``fbi_binary`` (FBI-LLM) or ``onebit`` (OneBit); those two are
+            W1A16 (``activation: none``).
         granularity: one weight scale per ``tensor``, per output ``row``, or per ``group`` of inputs.
         group_size: inputs per scale when ``granularity`` is ``group``.
         activation: ``int8_per_token`` (BitNet absmax) or ``none`` (16-bit activations).

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from qat.errors import RecipeError
 from qat.nn.bitlinear import BitLinear
 from qat.nn.config import ArchConfig, QuantConfig
+from qat.nn.fbi_linear import BINARY_LINEAR_LAYERS, BinaryLinear
 
 # Decoder-layer norms that the unilm FAQ removes because every BitLinear carries its own RMSNorm.
 PRE_BLOCK_NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -46,8 +47,16 @@ def keeps_full_precision(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(last, p) for p in patterns)
 
 
+def quantized_linear(linear: nn.Linear, quant: QuantConfig, norm_eps: float) -> nn.Linear:
+    """The quantized twin of ``linear``: a binary layer for ``fbi_binary``/``onebit``, else ``BitLinear``."""
+    if quant.weight in BINARY_LINEAR_LAYERS:
+        return BINARY_LINEAR_LAYERS[quant.weight].from_linear(linear, quant)
+    return BitLinear.from_linear(linear, quant, norm_eps=norm_eps)
+
+
 def convert_to_qat(model: nn.Module, quant: QuantConfig) -> nn.Module:
-    """Replace every ``nn.Linear`` not kept in full precision by a ``BitLinear`` holding the same weights.
+    """Replace every ``nn.Linear`` not kept in full precision by a quantized layer holding the same weights
+    (``BitLinear``, or ``FBILinear``/``OneBitLinear`` for the binary ``quant.weight`` names).
 
     With ``quant.norm_placement == "inlayer"`` the pre-attention and pre-MLP norms become identities (the
     quantized layers normalise their own inputs). Returns ``model`` (changed in place).
@@ -58,11 +67,11 @@ def convert_to_qat(model: nn.Module, quant: QuantConfig) -> nn.Module:
     eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", 1e-5))
     replaced = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, BitLinear) or not isinstance(module, nn.Linear):
+        if isinstance(module, (BitLinear, BinaryLinear)) or not isinstance(module, nn.Linear):
             continue
         if keeps_full_precision(name, quant.keep_full_precision):
             continue
-        model.set_submodule(name, BitLinear.from_linear(module, quant, norm_eps=eps))
+        model.set_submodule(name, quantized_linear(module, quant, eps))
         replaced += 1
     if replaced == 0:
         raise RecipeError("convert_to_qat found no nn.Linear to quantize; check model.quant.keep_full_precision")

@@ -66,6 +66,10 @@ class ScheduledLRAndWeightDecay(LRScheduler):
         self.total_steps, self.cfg = total_steps, cfg
         super().__init__(optimizer, last_epoch)
 
+    def state_dict(self) -> dict:
+        # The config is rebuilt from the recipe; keeping it out keeps checkpoints loadable with weights_only=True.
+        return {k: v for k, v in super().state_dict().items() if k != "cfg"}
+
     def get_lr(self) -> list[float]:
         lr, wd = lr_and_weight_decay(self.last_epoch, self.total_steps, self.cfg)
         for group in self.optimizer.param_groups:

@@ -1,0 +1,18 @@
+"""``qat run --config RECIPE [overrides]``: the whole path in one command — fit, export (packed), evaluate."""
+
+from pathlib import Path
+
+from qat.cli.evaluate import evaluate
+from qat.cli.export import export
+
+
+def run_pipeline(fit_args: list[str], export_format: str = "hf") -> dict:
+    from qat.cli.fit import fit_cli
+
+    cli = fit_cli(["fit", *fit_args])
+    trainer = cli.trainer
+    checkpoint = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(checkpoint)  # the final weights, whatever the checkpoint cadence
+    fmt = export_format if cli.model.quant is not None else "hf-fp"
+    out = export(str(checkpoint), format=fmt, dtype="float32")
+    return evaluate(out)

@@ -1,0 +1,60 @@
+"""Rebuild the trained model from a training checkpoint (Lightning ``.ckpt`` or DeepSpeed directory) without
+Lightning or pickled code: architecture and quantization come from the checkpoint's plain-dict hyper-parameters."""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from qat.errors import CheckpointError
+from qat.export.deepspeed_checkpoint import load_training_checkpoint
+from qat.nn.config import ArchConfig, QuantConfig
+from qat.nn.convert import build_model, convert_to_qat
+
+MODEL_PREFIX = "model."
+
+
+@dataclass
+class TrainedModel:
+    """What export and evaluation need from a checkpoint."""
+
+    model: nn.Module
+    arch: ArchConfig
+    quant: Optional[QuantConfig]
+    tokenizer_files: dict[str, str]
+    data_hparams: dict[str, Any] = field(default_factory=dict)
+    hparams: dict[str, Any] = field(default_factory=dict)
+    global_step: int = 0
+
+
+def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The wrapped HF model's weights (the LightningModule stores it under ``model.``)."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError("the checkpoint has no state_dict; is it a `qat fit` checkpoint?")
+    return {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+
+
+def load_trained_model(path: str) -> TrainedModel:
+    """Load ``path`` into the model class it was trained as (``BitLinear`` layers for QAT runs), in eval mode."""
+    checkpoint = load_training_checkpoint(path)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if "arch" not in hparams:
+        raise CheckpointError(f"{path} has no qat hyper-parameters (arch); it was not written by `qat fit`")
+    arch = ArchConfig(**hparams["arch"])
+    quant = QuantConfig(**hparams["quant"]) if hparams.get("quant") else None
+    model = build_model(arch)
+    for key, value in (hparams.get("token_ids") or {}).items():
+        setattr(model.config, key, value)
+    if quant is not None:
+        convert_to_qat(model, quant)
+    missing, unexpected = model.load_state_dict(model_state_dict(checkpoint), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or not arch.tie_word_embeddings]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match its own architecture: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return TrainedModel(model=model.eval(), arch=arch, quant=quant,
+                        tokenizer_files=checkpoint.get("qat_tokenizer_files") or {},
+                        data_hparams=dict(checkpoint.get("datamodule_hyper_parameters") or {}),
+                        hparams=hparams, global_step=int(checkpoint.get("global_step", 0)))
