@@ -23,3 +23,7 @@ class ExportError(QATError, ValueError):
 
 class ClusterError(QATError, RuntimeError):
     """A cluster job cannot be submitted or inspected (no SLURM, unknown partition, too many nodes, ...)."""
+
+
+class TeacherError(QATError, ValueError):
+    """A distillation teacher (or its cached logits) cannot be used: not found, other tokenizer, stale cache."""

@@ -8,7 +8,7 @@ from qat.export.checkpoint import load_trained_model
 from qat.export.hf_bitnet import export_hf_bitnet, linear_bits_per_weight, write_export_folder
 from qat.export.model_card import render_model_card
 
-Format = Literal["hf", "hf-fp", "gguf-tq2_0", "gguf-tq1_0"]
+Format = Literal["hf", "hf-fp", "gguf-tq2_0", "gguf-tq1_0", "binary"]
 
 
 def default_export_dir(checkpoint: str, fmt: str) -> Path:
@@ -25,7 +25,8 @@ def export(checkpoint: str, out_dir: Optional[str] = None, format: Format = "hf"
         checkpoint: training checkpoint, e.g. runs/bitnet-b158-tiny/checkpoints/last.ckpt.
         out_dir: output folder (default: runs/<name>/export-<format>).
         format: hf (HF BitNet, 2-bit packed), hf-fp (plain HF folder, for full-precision runs),
-            gguf-tq2_0 / gguf-tq1_0 (llama.cpp ternary GGUF).
+            gguf-tq2_0 / gguf-tq1_0 (llama.cpp ternary GGUF), binary (fbi_binary/onebit runs: 1 bit/weight +
+            scales, loads through qat only).
         dtype: dtype of the tensors that stay unpacked (embeddings, norms, lm_head, scales).
 
     Raises:
@@ -49,8 +50,12 @@ def export(checkpoint: str, out_dir: Optional[str] = None, format: Format = "hf"
             state.pop("lm_head.weight", None)
         config = trained.model.config.to_dict()
         config["dtype"] = dtype
+        config["architectures"] = [type(trained.model).__name__]
         write_export_folder(out, state, config, trained.tokenizer_files,
                             render_model_card(name, "hf-fp", trained, None, source=checkpoint), manifest)
+    elif format == "binary":
+        from qat.export.binary import export_binary
+        export_binary(trained, out, manifest=manifest, source=checkpoint)
     else:
         from qat.export.gguf import export_gguf_from_trained
         out = export_gguf_from_trained(trained, out, format.split("-", 1)[1], manifest=manifest)

@@ -16,7 +16,7 @@ from qat.cluster.requeue import add_slurm_requeue
 from qat.data.datamodule import TextDataModule
 from qat.errors import CheckpointError
 from qat.export.deepspeed_checkpoint import check_deepspeed_checkpoint
-from qat.train.checkpoint_io import AtomicCheckpointIO, load_checkpoint_file
+from qat.train.checkpoint_io import AtomicCheckpointIO, SaveLastOnTrainEnd, load_checkpoint_file
 from qat.train.module import QATLanguageModel
 from qat.train.precision import resolve_precision
 from qat.train.strategies import build_strategy
@@ -96,6 +96,7 @@ class QATLightningCLI(LightningCLI):
                                              auto_insert_metric_name=False, save_last=True, save_top_k=1,
                                              monitor="step", mode="max",
                                              every_n_train_steps=run.checkpoint_every_n_steps))
+        callbacks.append(SaveLastOnTrainEnd(run_dir / "checkpoints" / LAST_CHECKPOINT))
         kwargs["callbacks"] = callbacks
         if cfg.trainer.logger in (None, True):
             kwargs["logger"] = QATWandbLogger(project=run.wandb_project, name=run.name, save_dir=str(run_dir),
@@ -118,8 +119,12 @@ class QATLightningCLI(LightningCLI):
         return kwargs
 
 
-def fit_cli(args: Optional[list[str]] = None) -> QATLightningCLI:
-    """Run ``qat fit|validate ...`` (LightningCLI subcommands) and return the CLI (trainer, model, datamodule)."""
+def fit_cli(args: Optional[list[str]] = None, model_class: type[QATLanguageModel] = QATLanguageModel,
+            run: bool = True) -> QATLightningCLI:
+    """Run ``qat fit|validate ...`` (LightningCLI subcommands) and return the CLI (trainer, model, datamodule).
+
+    ``model_class``: a subclass with more recipe keys (``qat distill``); ``run=False`` only parses the recipe and
+    instantiates (``args`` then has no subcommand)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return QATLightningCLI(QATLanguageModel, TextDataModule, args=args, seed_everything_default=1234,
+    return QATLightningCLI(model_class, TextDataModule, args=args, run=run, seed_everything_default=1234,
                            save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)

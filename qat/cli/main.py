@@ -9,6 +9,8 @@ from qat.errors import QATError
 
 LIGHTNING_VERBS = ("fit", "validate")
 PIPELINE_VERB = "run"  # fit + export + eval; takes the same arguments as `qat fit`
+# Verbs over the distillation module taking `qat fit` arguments: train with a teacher / precompute its top-k logits.
+DISTILL_VERBS = {"distill": "qat.cli.distill:distill", "cache-teacher": "qat.cli.distill:cache_teacher"}
 
 # verb -> "module:function"; imported lazily so `qat --help` stays fast.
 COMMANDS = {
@@ -37,7 +39,7 @@ def _option_name_with_underscores(arg: str) -> str:
 
 
 def usage() -> str:
-    verbs = ", ".join((*LIGHTNING_VERBS, PIPELINE_VERB, *COMMANDS))
+    verbs = ", ".join((*LIGHTNING_VERBS, PIPELINE_VERB, *DISTILL_VERBS, *COMMANDS))
     return f"usage: qat <verb> [--help] ...\nverbs: {verbs}"
 
 
@@ -53,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             from qat.cli.fit import fit_cli
 
             fit_cli([verb, *rest])
+            return 0
+        if verb in DISTILL_VERBS:
+            module, function = DISTILL_VERBS[verb].split(":")
+            getattr(importlib.import_module(module), function)(rest)
             return 0
         if verb == PIPELINE_VERB:
             from qat.cli.run import run_pipeline

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from qat.cli.evaluate import evaluate
 from qat.cli.export import export
+from qat.eval.plots import plot_loss_curves
 
 
 def run_pipeline(fit_args: list[str], export_format: str = "hf") -> dict:
@@ -12,7 +13,11 @@ def run_pipeline(fit_args: list[str], export_format: str = "hf") -> dict:
     cli = fit_cli(["fit", *fit_args])
     trainer = cli.trainer
     checkpoint = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(checkpoint)  # the final weights, whatever the checkpoint cadence
     fmt = export_format if cli.model.quant is not None else "hf-fp"
     out = export(str(checkpoint), format=fmt, dtype="float32")
-    return evaluate(out)
+    results = evaluate(out)
+    if trainer.is_global_zero:
+        png = plot_loss_curves({cli.config.fit.run.name: trainer.default_root_dir},
+                               Path(trainer.default_root_dir) / "loss.png")
+        print(f"loss curves: {png}")
+    return results

@@ -22,7 +22,8 @@ SPLITS = ("train", "validation")
 
 
 class TokenBlocks(Dataset):
-    """Rows of a (num_blocks, seq_len) int32 array as ``{"input_ids": LongTensor}``."""
+    """Rows of a (num_blocks, seq_len) int32 array as ``{"input_ids": LongTensor, "block_index": int}`` (the
+    index lines cached per-block data, e.g. teacher logits, up with the batch)."""
 
     def __init__(self, blocks: np.ndarray):
         self.blocks = blocks
@@ -31,7 +32,7 @@ class TokenBlocks(Dataset):
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64))}
+        return {"input_ids": torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64)), "block_index": i}
 
 
 def _check_files(files: list[str], key: str) -> list[Path]:
@@ -64,12 +65,13 @@ class TextDataModule(L.LightningDataModule):
         seq_len: tokens per training/validation block.
         batch_size: blocks per step on each device.
         max_val_blocks: cap on validation blocks (0 = all).
+        max_train_blocks: train on the first N blocks only (0 = all), e.g. those with cached teacher logits.
     """
 
     def __init__(self, train_files: Optional[list[str]] = None, val_files: Optional[list[str]] = None,
                  text_field: str = "text", tokenizer: str = "bpe", tokenizer_vocab_size: int = 4096,
                  seq_len: int = 256, batch_size: int = 16, max_val_blocks: int = 0, num_workers: int = 0,
-                 seed: int = 1234):
+                 seed: int = 1234, max_train_blocks: int = 0):
         super().__init__()
         self.save_hyperparameters()
         if seq_len < 2:
@@ -135,6 +137,8 @@ class TextDataModule(L.LightningDataModule):
             blocks = np.load(self._blocks_path(split), mmap_mode="r")
             if split == "validation" and self.hparams.max_val_blocks:
                 blocks = blocks[: self.hparams.max_val_blocks]
+            if split == "train" and self.hparams.max_train_blocks:
+                blocks = blocks[: self.hparams.max_train_blocks]
             self.datasets[split] = TokenBlocks(blocks)
 
     def validation_bytes_per_token(self) -> float:

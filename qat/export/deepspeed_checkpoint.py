@@ -80,6 +80,9 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
         CheckpointError: missing, incomplete or unreadable checkpoint.
     """
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a .ckpt file or DeepSpeed checkpoint folder "
+                              "written by `qat fit` (e.g. runs/<name>/checkpoints/last.ckpt)")
     if path.is_file():
         from qat.train.checkpoint_io import load_checkpoint_file
 

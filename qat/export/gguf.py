@@ -6,7 +6,9 @@ Written with the ``gguf`` package's ``GGUFWriter``; tensor names come from ``ggu
 everything else (embeddings, norms, lm_head) as F32. The file is written to a temporary name and renamed.
 """
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import gguf
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from qat.errors import ExportError
+from qat.paths import atomic_write_bytes
 from qat.nn.bitlinear import BitLinear
 from qat.nn.packed_linear import PackedLinear
 from qat.pack.gguf_ternary import TQ_TYPES, block_scales, pack_tq
@@ -96,6 +99,12 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, qtype: str = 
     layers = ternary_layers(model)
     if not layers:
         raise ExportError("the model has no BitLinear/PackedLinear layers; export the QAT model, not the base model")
+    for name, module in model.named_modules():
+        if name in layers and getattr(module, "rms_norm", None) is not None:
+            raise ExportError(f"{name} normalises its own input (norm_placement: inlayer), which llama.cpp's BitNet "
+                              "graph has no tensor for; GGUF export needs norm_placement: subln")
+        if name in layers and getattr(module, "bias", None) is not None:
+            raise ExportError(f"{name} has a bias, which llama.cpp's BitNet graph has no tensor for")
     out_file = Path(out_file)
     tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
     n_layers = config.num_hidden_layers
@@ -144,3 +153,27 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, qtype: str = 
     finally:
         tmp.unlink(missing_ok=True)
     return out_file
+
+
+def export_gguf_from_trained(trained, out_dir: str | Path, qtype: str, manifest: dict | None = None) -> Path:
+    """``qat export --format gguf-<qtype>``: ``out_dir/model-<qtype>.gguf`` (+ the export manifest) from a
+    :class:`qat.export.checkpoint.TrainedModel`; returns ``out_dir``.
+
+    Raises:
+        ExportError: a full-precision checkpoint, no tokenizer, or a model the TQ formats cannot hold.
+    """
+    from transformers import AutoTokenizer
+
+    from qat.export.hf_bitnet import EXPORT_MANIFEST, write_tokenizer
+
+    if trained.quant is None:
+        raise ExportError("GGUF TQ1_0/TQ2_0 hold ternary weights; this checkpoint was trained in full precision")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        write_tokenizer(trained.tokenizer_files, Path(tokenizer_dir))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    export_gguf(trained.model, tokenizer, out_dir / f"model-{qtype}.gguf", qtype)
+    if manifest is not None:
+        atomic_write_bytes(out_dir / EXPORT_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return out_dir

@@ -107,6 +107,7 @@ def export_hf_bitnet(trained: TrainedModel, out_dir: str | Path, dtype: str = "b
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
     config["quantization_config"] = hf_quantization_config(trained)
     config["dtype"] = dtype
     config.pop("torch_dtype", None)

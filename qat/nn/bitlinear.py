@@ -54,7 +54,7 @@ class BitLinear(nn.Linear):
         if self.quant.activation == "none":
             return x
         # Quantize in fp32: under bf16 autocast the product x * scale would lose the integer grid.
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         codes, scale = absmax_int8_per_token(x32)
         return straight_through(x32, codes / scale).to(x.dtype)
 
@@ -68,12 +68,14 @@ class BitLinear(nn.Linear):
         fp32 while |sum| < 2^24) rescaled once, ``y = (x_q @ W_q^T) / (x_scale * (1 / w_scale))``."""
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        x_codes, x_scale = absmax_int8_per_token(x.float())
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        x_codes, x_scale = absmax_int8_per_token(x.to(compute_dtype))
         codes, scale = self.quantized_weight()
-        w_scale = scale.float().reshape(1, -1) if self.quant.granularity == "row" else scale.float().reshape(1)
-        y = F.linear(x_codes, codes.float()) / (x_scale * (1.0 / w_scale))
+        scale = scale.to(compute_dtype)
+        w_scale = scale.reshape(1, -1) if self.quant.granularity == "row" else scale.reshape(1)
+        y = F.linear(x_codes, codes.to(compute_dtype)) / (x_scale * (1.0 / w_scale))
         if self.bias is not None:
-            y = y + self.bias.float()
+            y = y + self.bias.to(compute_dtype)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

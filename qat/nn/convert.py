@@ -37,9 +37,10 @@ def hf_config(arch: ArchConfig):
 
 def build_model(arch: ArchConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A causal LM from ``arch``: weights from ``arch.pretrained`` or freshly initialised."""
+    config = hf_config(arch)
     if arch.pretrained:
-        return AutoModelForCausalLM.from_pretrained(arch.pretrained, dtype=dtype)
-    return AutoModelForCausalLM.from_config(hf_config(arch), dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(arch.pretrained, config=config, dtype=dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def keeps_full_precision(name: str, patterns: list[str]) -> bool:

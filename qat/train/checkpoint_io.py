@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.fabric.utilities.data import AttributeDict
+from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qat.errors import CheckpointError
@@ -42,3 +43,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def remove_checkpoint(self, path) -> None:
         if os.path.isfile(path):
             os.remove(path)
+
+
+class SaveLastOnTrainEnd(Callback):
+    """Writes ``last.ckpt`` when training ends between two scheduled checkpoints, so the final weights are kept."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.last_saved_step = -1
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self.last_saved_step = checkpoint.get("global_step", trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self.last_saved_step and not trainer.interrupted:
+            trainer.save_checkpoint(self.path)

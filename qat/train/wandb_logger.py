@@ -44,3 +44,59 @@ class QATWandbLogger(WandbLogger):
         os.environ.setdefault("WANDB_DIR", str(save))
         super().__init__(project=project, name=name, save_dir=str(save), offline=wandb_mode(mode) == "offline",
                          id=run_id, resume="allow", log_model=False, **kwargs)
+
+
+# --- reading offline runs back (plots, tests) ---------------------------------------------------------------------
+# A `.wandb` file is a 7-byte header (":W&B", magic, version) then LevelDB-log records (32 KiB blocks; each chunk:
+# crc32 u32, length u16, type u8 FULL/FIRST/MIDDLE/LAST) holding `wandb_internal_pb2.Record` protobufs. wandb
+# >= 0.30 no longer ships a Python reader, hence these few lines.
+_HEADER, _BLOCK, _CHUNK_HEADER = 7, 32768, 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _wandb_records(path: Path):
+    import struct
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    pos, pending = _HEADER, b""
+    while pos + _CHUNK_HEADER <= len(data):
+        block_left = _BLOCK - pos % _BLOCK
+        if block_left < _CHUNK_HEADER:  # block trailer padding
+            pos += block_left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + _CHUNK_HEADER])
+        chunk = data[pos + _CHUNK_HEADER:pos + _CHUNK_HEADER + length]
+        pos += _CHUNK_HEADER + length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+            pending = b""
+        elif kind == 0 and length == 0:
+            pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
+
+
+def read_wandb_history(run_file: str | Path) -> list[dict]:
+    """The logged history rows of an offline ``run-<id>.wandb`` file, as dicts."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rows = []
+    for raw in _wandb_records(Path(run_file)):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
+
+
+def offline_run_files(save_dir: str | Path) -> list[Path]:
+    return sorted(Path(save_dir).glob("wandb/offline-run-*/run-*.wandb"))

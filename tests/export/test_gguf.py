@@ -71,3 +71,24 @@ def test_rows_not_multiple_of_256_are_rejected_before_writing(tokenizer, tmp_pat
     assert not list(tmp_path.iterdir())
     with pytest.raises(ExportError, match="unknown GGUF type"):
         export_gguf(model, tokenizer, tmp_path / "bad.gguf", "q4_0")
+
+
+def test_qat_export_cli_writes_gguf_of_a_trained_run(tiny_ternary_run, tmp_path):
+    """The real path: a `qat fit` checkpoint -> `qat export --format gguf-tq1_0` -> gguf's reader."""
+    from qat.export.checkpoint import load_trained_model
+    from tests.conftest import run_qat
+
+    checkpoint = sorted(tiny_ternary_run.rglob("last*.ckpt")) or sorted(tiny_ternary_run.rglob("*.ckpt"))
+    assert checkpoint, f"no checkpoint under {tiny_ternary_run}"
+    out = tmp_path / "gguf"
+    result = run_qat("export", str(checkpoint[-1]), "--out_dir", str(out), "--format", "gguf-tq1_0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tensors = {t.name: t for t in GGUFReader(out / "model-tq1_0.gguf").tensors}
+    trained = load_trained_model(str(checkpoint[-1]))
+    layer = trained.model.get_submodule("model.layers.3.mlp.down_proj")
+    codes, scale = layer.quantized_weight()
+    t = tensors["blk.3.ffn_down.weight"]
+    got_codes, got_d = unpack_tq(np.asarray(t.data), t.tensor_type, tuple(codes.shape))
+    assert torch.equal(got_codes, codes.to(torch.int8))
+    assert torch.all(got_d == scale.reshape(()).half().float())
+    assert (out / "qat_export.json").is_file()

@@ -1,0 +1,46 @@
+"""Session-wide test setup: offline hubs, a shared cache (tokenizers, token blocks, teachers) so the suite reuses
+what it builds, and one real short training run shared by the spine tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("QAT_CACHE_DIR", str(REPO / ".cache" / "qat"))
+for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}.items():
+    os.environ.setdefault(key, value)
+os.environ.pop("WANDB_API_KEY", None)  # tests never go online
+
+
+def run_qat(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the real `qat` console entry point in a subprocess (as a user would)."""
+    return subprocess.run([sys.executable, "-m", "qat.cli.main", *args], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
+TINY_FIT_ARGS = ["--config", str(REPO / "recipes" / "bitnet-b158-tiny.yaml"), "--trainer.max_steps=30",
+                 "--trainer.val_check_interval=15", "--trainer.limit_val_batches=2", "--run.checkpoint_every_n_steps=15",
+                 "--trainer.enable_progress_bar=false", "--data.batch_size=8", "--model.health_every_n_steps=5",
+                 "--model.optim.warmup_steps=5", "--trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ternary_run(tmp_path_factory) -> Path:
+    """A real 30-step `qat fit` of the tiny BitNet recipe through the CLI; returns its run directory."""
+    run_dir = tmp_path_factory.mktemp("runs") / "bitnet-tiny"
+    result = run_qat("fit", *TINY_FIT_ARGS, f"--trainer.default_root_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2_teacher():
+    """The real SmolLM2-135M teacher (fp32), converted from its GGUF once into the qat cache (~30 s the first
+    time, ~0.3 s after) and shared by every test that needs it."""
+    from qat.teachers import TeacherConfig, load_teacher
+
+    return load_teacher(TeacherConfig(source="smollm2"))

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qat.errors import ExportError
+from qat.export.binary import export_binary, load_binary_export
+from qat.export.checkpoint import TrainedModel
+from qat.nn.config import ArchConfig, QuantConfig
+from qat.nn.convert import build_model, convert_to_qat
+
+
+def _tokenizer_files(tmp_path) -> dict[str, str]:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["some text for a tiny tokenizer"] * 5, vocab_size=280, special_tokens=["<|e|>"])
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|e|>").save_pretrained(tmp_path / "tok")
+    return {p.name: p.read_text() for p in (tmp_path / "tok").iterdir()}
+
+
+def _trained(weight: str, tied: bool, tmp_path) -> TrainedModel:
+    torch.manual_seed(0)
+    arch = ArchConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    quant = QuantConfig(weight=weight, activation="none")
+    model = convert_to_qat(build_model(arch), quant)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):  # move latent weights and scales away from their init
+        ids = torch.randint(0, 97, (2, 9))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return TrainedModel(model=model.eval(), arch=arch, quant=quant, tokenizer_files=_tokenizer_files(tmp_path), global_step=3)
+
+
+@pytest.mark.parametrize("weight,tied", [("fbi_binary", True), ("onebit", False)])
+def test_packed_1bit_export_reloads_with_bit_identical_logits(tmp_path, weight, tied):
+    trained = _trained(weight, tied, tmp_path)
+    out = export_binary(trained, tmp_path / "export")
+    reloaded = load_binary_export(out)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, trained.model(input_ids=ids).logits)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qat-binary"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        packed = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".weight_sign_1bit")}
+        assert not any(k.endswith("proj.weight") for k in f.keys())   # no full-precision copy of a binary weight
+    assert len(packed) == 14 and all(t.dtype == torch.uint8 for t in packed.values())
+    assert packed["model.layers.0.mlp.down_proj.weight_sign_1bit"].shape == (32, 6)   # 48 inputs -> 6 bytes
+    # 1 bit per weight plus the fp32 scales (32 bits per column / row): 1 + 64/out for FBI on these tiny layers.
+    assert 1.0 < config["bits_per_linear_weight"] < 4.0
+    assert "qat only" in (out / "README.md").read_text()
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_hf_transformers_refuses_the_binary_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = export_binary(_trained("fbi_binary", True, tmp_path), tmp_path / "export")
+    with pytest.raises(Exception):
+        AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_non_binary_checkpoint_is_refused_with_the_right_format(tmp_path):
+    trained = _trained("fbi_binary", True, tmp_path)
+    trained.quant = None
+    with pytest.raises(ExportError, match="hf-fp"):
+        export_binary(trained, tmp_path / "x")
+    with pytest.raises(ExportError, match="not a qat binary export"):
+        load_binary_export(tmp_path)
