@@ -4,10 +4,10 @@
 import numpy as np
 
 from qat.cli.fit import fit_cli
+from qat.errors import RecipeError
 from qat.teachers.load import check_same_tokenizer, load_teacher
 from qat.teachers.logit_cache import build_logit_cache
 from qat.train.distill_module import DistillationLanguageModel, logit_cache_key
-from qat.errors import RecipeError
 
 
 def distill(args: list[str]):

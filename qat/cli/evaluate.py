@@ -61,6 +61,13 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
         exported = load_exported_model(export_dir)
         results["exported"] = heldout_metrics(lambda ids: exported(input_ids=ids).logits, blocks, batch_size, bpt,
                                               desc="eval exported")
+        if manifest.get("format") == "hf":
+            # The same export on qat's packed kernels (what `qat generate` runs).
+            from qat.nn.packed_linear import pack_model
+
+            packed = pack_model(exported)
+            results["packed_kernels"] = heldout_metrics(lambda ids: packed(input_ids=ids).logits, blocks, batch_size,
+                                                        bpt, desc="eval packed kernels")
         if trained is not None:
             ids = torch.as_tensor(blocks[:batch_size], dtype=torch.long)
             with torch.no_grad():

@@ -12,6 +12,7 @@ PIPELINE_VERB = "run"  # fit + export + eval; takes the same arguments as `qat f
 # Verbs over the distillation module taking `qat fit` arguments: train with a teacher / precompute its top-k logits.
 DISTILL_VERBS = {"distill": "qat.cli.distill:distill", "cache-teacher": "qat.cli.distill:cache_teacher"}
 
+CLUSTER_VERBS = ("submit", "status", "cancel")
 # verb -> "module:function"; imported lazily so `qat --help` stays fast.
 COMMANDS = {
     "export": "qat.cli.export:export",
@@ -26,8 +27,18 @@ COMMANDS = {
 def _set_offline_defaults() -> None:
     # Nothing is ever downloaded from a hub at run time.
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                       "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}.items():
+                       "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)
+
+
+def _default_deepspeed_accelerator() -> None:
+    # Without CUDA, DeepSpeed's accelerator auto-detection warns and falls back to CPU; saying so silences it.
+    # With CUDA, DeepSpeed detects it.
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _option_name_with_underscores(arg: str) -> str:
@@ -50,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     verb, rest = argv[0], argv[1:]
+    if verb not in CLUSTER_VERBS:  # these only call sbatch/squeue/scancel: no torch import
+        _default_deepspeed_accelerator()
     try:
         if verb in LIGHTNING_VERBS:
             from qat.cli.fit import fit_cli

@@ -2,6 +2,7 @@
 
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,7 +42,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path)
 
     def remove_checkpoint(self, path) -> None:
-        if os.path.isfile(path):
+        # DeepSpeed checkpoints are directories (one shard per rank); ModelCheckpoint's top-k/last rotation
+        # removes them through here too.
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.isfile(path):
             os.remove(path)
 
 

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Union
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
 from qat.errors import RecipeError
 from qat.paths import cache_dir
+from qat.train.precision import cpu_has_fast_bf16
 
 __all__ = ["StrategyConfig", "CPUDeepSpeedStrategy", "build_strategy", "parse_strategy"]
 
@@ -186,6 +188,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
             self.config.setdefault("zero_force_ds_cpu_optimizer", False)
 
     def setup_environment(self) -> None:
+        _warn_if_slow_cpu_bf16(self.precision_plugin.precision)
         _default_torch_extensions_dir()
         DDPStrategy.setup_environment(self)
 
@@ -202,6 +205,15 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     def _initialize_deepspeed_inference(self, model) -> None:
         with _device_rank_from_local_rank():
             super()._initialize_deepspeed_inference(model)
+
+
+def _warn_if_slow_cpu_bf16(precision: str) -> None:
+    # DeepSpeed's bf16 keeps bf16 weights and runs every GEMM, backward included, in bf16: without AMX or
+    # AVX512-BF16 torch has no fast bf16 CPU kernel and a step takes 10-60x longer than in fp32.
+    if str(precision).startswith("bf16") and not cpu_has_fast_bf16():
+        rank_zero_warn(f"DeepSpeed with precision={precision!r} on a CPU without AMX/AVX512-BF16: bf16 matmuls "
+                       "run 10-60x slower than fp32 here. Use trainer.precision: 32-true (or run.precision: auto, "
+                       "which picks it on this CPU).", category=UserWarning)
 
 
 @contextmanager

@@ -5,7 +5,7 @@ import torch
 
 from qat.kernels.packed_linear import (CPU_PATHS, KernelPathError, packed_linear, packed_linear_torch, path_support,
                                        selected_path)
-from packed_reference import assert_matches_reference, random_problem
+from tests.references.packed_linear_reference import assert_matches_reference, random_problem
 
 pytestmark = pytest.mark.kernels
 

@@ -13,7 +13,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from qat.kernels.triton_packed import _kernel_module, packed_linear_triton  # noqa: E402
-from packed_reference import assert_matches_reference, random_problem  # noqa: E402
+from tests.references.packed_linear_reference import assert_matches_reference, random_problem  # noqa: E402
 
 pytestmark = pytest.mark.kernels
 

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,20 @@ def test_two_rank_strategies_match_one_rank_loss_curve(tmp_path):
             expected_optimizer = "DeepSpeedZeroOptimizer_Stage3" if "stage_3" in name else "DeepSpeedZeroOptimizer"
             assert run["optimizer"] == expected_optimizer, name
         assert run["losses"] == pytest.approx(reference, rel=1e-5), name
+
+
+@pytest.mark.parametrize("precision, fast_bf16, warns", [
+    ("bf16-mixed", False, True), ("bf16-true", False, True), ("bf16-mixed", True, False), ("32-true", False, False),
+])
+def test_cpu_deepspeed_warns_about_slow_bf16(monkeypatch, precision, fast_bf16, warns):
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+
+    import qat.train.strategies as strategies
+
+    monkeypatch.setattr(strategies, "cpu_has_fast_bf16", lambda: fast_bf16)
+    strategy = build_strategy("deepspeed_stage_2", accelerator="cpu")
+    strategy.precision_plugin = DeepSpeedPrecision(precision)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        strategies._warn_if_slow_cpu_bf16(strategy.precision_plugin.precision)
+    assert any("10-60x slower" in str(w.message) for w in caught) == warns

