@@ -18,8 +18,14 @@ EVAL_FILE = "eval.json"
 
 
 def load_exported_model(export_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """Reload an exported folder with plain HF transformers (the other runtime), on CPU."""
+    """Reload an exported folder with plain HF transformers (the other runtime), on CPU; 1-bit binary exports
+    (which transformers cannot represent) through qat's loader."""
     from transformers import AutoModelForCausalLM
+
+    from qat.export.binary import BINARY_MODEL_TYPE, load_binary_export
+
+    if json.loads(Path(export_dir, "config.json").read_text()).get("model_type") == BINARY_MODEL_TYPE:
+        return load_binary_export(export_dir).eval()
 
     return AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=dtype, device_map="cpu").eval()
 

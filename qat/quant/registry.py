@@ -25,6 +25,10 @@ QUANTIZER_LEVELS: dict[str, tuple[int, ...]] = {
 }
 
 
+# Names handled by dedicated layer classes rather than a quantizer function (qat.nn.fbi_linear).
+LAYER_QUANTIZER_NAMES = ("fbi_binary", "onebit")
+
+
 def register_weight_quantizer(name: str, fn: WeightQuantizer, levels: tuple[int, ...]) -> None:
     WEIGHT_QUANTIZERS[name] = fn
     QUANTIZER_LEVELS[name] = levels
@@ -35,6 +39,7 @@ def get_weight_quantizer(name: str) -> WeightQuantizer:
         return WEIGHT_QUANTIZERS[name]
     except KeyError:
         raise RecipeError(
-            f"unknown weight quantizer {name!r}; known: {', '.join(sorted(WEIGHT_QUANTIZERS))}. "
+            f"unknown weight quantizer {name!r}; known: "
+            f"{', '.join(sorted((*WEIGHT_QUANTIZERS, *LAYER_QUANTIZER_NAMES)))}. "
             "Fix `model.quant.weight` in the recipe."
         ) from None

@@ -7,6 +7,7 @@ import lightning as L
 import torch
 
 from qat.nn.bitlinear import BitLinear
+from qat.nn.fbi_linear import BinaryLinear
 
 
 def layer_group(name: str) -> str:
@@ -22,13 +23,23 @@ class QATHealthMonitor(L.Callback):
         self.every_n_steps = every_n_steps
         self.previous_codes: dict[str, torch.Tensor] = {}
 
+    @staticmethod
+    def codes_and_scale(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Integer codes and scale of a quantized layer (binary layers: signs and mean |effective weight|)."""
+        if isinstance(layer, BitLinear):
+            return layer.quantized_weight()
+        if isinstance(layer, BinaryLinear):
+            return layer.sign_codes(), layer.binary_weight().abs().mean(dim=-1)
+        return None
+
     @torch.no_grad()
     def health_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for name, layer in model.named_modules():
-            if not isinstance(layer, BitLinear):
+            quantized = self.codes_and_scale(layer)
+            if quantized is None:
                 continue
-            codes, scale = layer.quantized_weight()
+            codes, scale = quantized
             codes = codes.to(torch.int8)
             g = sums[layer_group(name)]
             g["n"] += codes.numel()
