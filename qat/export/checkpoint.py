@@ -44,9 +44,7 @@ def load_trained_model(path: str) -> TrainedModel:
         raise CheckpointError(f"{path} has no qat hyper-parameters (arch); it was not written by `qat fit`")
     arch = ArchConfig(**hparams["arch"])
     quant = QuantConfig(**hparams["quant"]) if hparams.get("quant") else None
-    model = build_model(arch)
-    for key, value in (hparams.get("token_ids") or {}).items():
-        setattr(model.config, key, value)
+    model = build_model(arch, token_ids=hparams.get("token_ids"))
     if quant is not None:
         convert_to_qat(model, quant)
     missing, unexpected = model.load_state_dict(model_state_dict(checkpoint), strict=False)

@@ -18,8 +18,9 @@ PRE_BLOCK_NORMS = ("input_layernorm", "post_attention_layernorm")
 _ARCH_KEYS_NOT_IN_HF = ("family", "pretrained")
 
 
-def hf_config(arch: ArchConfig):
-    """The transformers config of ``arch`` (loaded from ``arch.pretrained`` when set)."""
+def hf_config(arch: ArchConfig, token_ids: dict | None = None):
+    """The transformers config of ``arch`` (loaded from ``arch.pretrained`` when set); ``token_ids`` (bos/eos/pad)
+    come from the tokenizer — the families' defaults (e.g. Llama-3's 128000) would not fit a small vocabulary."""
     if arch.pretrained:
         if not Path(arch.pretrained, "config.json").is_file():
             raise RecipeError(f"model.arch.pretrained={arch.pretrained!r} has no config.json; point it at a local "
@@ -32,12 +33,13 @@ def hf_config(arch: ArchConfig):
                           f"num_attention_heads={arch.num_attention_heads}")
     kwargs = {k: v for k, v in asdict(arch).items() if k not in _ARCH_KEYS_NOT_IN_HF and v is not None}
     kwargs["head_dim"] = arch.hidden_size // arch.num_attention_heads
+    kwargs.update({"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(token_ids or {})})
     return AutoConfig.for_model(arch.family, **kwargs)
 
 
-def build_model(arch: ArchConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def build_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, token_ids: dict | None = None) -> PreTrainedModel:
     """A causal LM from ``arch``: weights from ``arch.pretrained`` or freshly initialised."""
-    config = hf_config(arch)
+    config = hf_config(arch, token_ids)
     if arch.pretrained:
         return AutoModelForCausalLM.from_pretrained(arch.pretrained, config=config, dtype=dtype)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)

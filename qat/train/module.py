@@ -55,9 +55,7 @@ class QATLanguageModel(L.LightningModule):
                                    "optim": asdict(optim), "token_ids": token_ids,
                                    "health_every_n_steps": health_every_n_steps})
         self.arch, self.quant, self.optim_cfg = arch, quant, optim
-        self.model = build_model(arch)
-        for key, value in token_ids.items():
-            setattr(self.model.config, key, value)
+        self.model = build_model(arch, token_ids=token_ids)
         if quant is not None:
             convert_to_qat(self.model, quant)
 

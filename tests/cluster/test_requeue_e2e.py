@@ -12,7 +12,7 @@ import torch
 from qat.cluster.slurm import cancel, job_state
 from qat.cluster.submit import SlurmJob, submit_to_slurm
 from qat.export.deepspeed_checkpoint import load_training_checkpoint
-from qat.pack.hf_bitnet import pack_ternary_hf, unpack_ternary_hf
+from qat.pack.hf_bitnet import unpack_ternary_hf
 from qat.quant import absmean_ternary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,7 +95,17 @@ def test_zero2_two_nodes_requeue_resumes_and_exports(slurm_cluster, tmp_path):
     for name, weight in checkpoint["state_dict"].items():
         torch.testing.assert_close(weight, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
-    # The consolidated weights pack: ternary codes of a BitLinear weight survive the HF 2-bit packing.
-    name = next(n for n in checkpoint["state_dict"] if n.endswith("mlp.down_proj.weight"))
+    # `qat export` packs the ZeRO checkpoint directory itself; the HF BitNet folder reloads in transformers.
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import run_qat
+
+    out = tmp_path / "export"
+    exported = run_qat("export", str(checkpoints / "last.ckpt"), "--out_dir", str(out), "--dtype", "float32")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, device_map="cpu")
+    packed = reloaded.model.layers[0].mlp.down_proj.weight
+    assert packed.dtype == torch.uint8
+    name = next(n for n in checkpoint["state_dict"] if n.endswith("layers.0.mlp.down_proj.weight"))
     codes, _ = absmean_ternary(checkpoint["state_dict"][name], "tensor", 128)
-    assert torch.equal(unpack_ternary_hf(pack_ternary_hf(codes.to(torch.int8))).to(codes.dtype), codes)
+    assert torch.equal(unpack_ternary_hf(packed).to(codes.dtype), codes)
