@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# No GPU driver here: Triton runs in its interpreter, and its standard library binds to interpreter mode when
+# triton is first imported (by whichever module imports it first), so the mode is fixed before anything runs.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("QAT_CACHE_DIR", str(REPO / ".cache" / "qat"))
 for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                    "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}.items():
@@ -18,8 +21,10 @@ os.environ.pop("WANDB_API_KEY", None)  # tests never go online
 
 def run_qat(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run the real `qat` console entry point in a subprocess (as a user would)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # a CLI run is its own W&B process
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     return subprocess.run([sys.executable, "-m", "qat.cli.main", *args], cwd=cwd or REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                          text=True, timeout=timeout, env=env)
 
 
 TINY_FIT_ARGS = ["--config", str(REPO / "recipes" / "bitnet-b158-tiny.yaml"), "--trainer.max_steps=30",

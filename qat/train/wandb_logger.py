@@ -40,7 +40,13 @@ class QATWandbLogger(WandbLogger):
     def __init__(self, project: str = "qat", name: Optional[str] = None, save_dir: str = "runs",
                  mode: Literal["auto", "offline", "online"] = "auto", resume_run: bool = False, **kwargs):
         save = Path(save_dir)
-        run_id = kwargs.pop("id", None) or persistent_run_id(save, resume_run or bool(os.environ.get("SLURM_RESTART_COUNT")))
+        resuming = resume_run or bool(os.environ.get("SLURM_RESTART_COUNT"))
+        run_id = kwargs.pop("id", None) or persistent_run_id(save, resuming)
+        if resuming:
+            # A wandb-core service inherited from a parent process (WANDB_SERVICE, e.g. the shell or test runner
+            # that launched us) may still hold a stream for this id from the killed/previous process, and refuses
+            # it as "in use": a resumed run gets a service of its own.
+            os.environ.pop("WANDB_SERVICE", None)
         os.environ.setdefault("WANDB_DIR", str(save))
         super().__init__(project=project, name=name, save_dir=str(save), offline=wandb_mode(mode) == "offline",
                          id=run_id, resume="allow", log_model=False, **kwargs)
