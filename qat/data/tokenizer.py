@@ -62,7 +62,7 @@ def tokenizer_dir(name: str, train_files: list[Path], text_field: str, vocab_siz
                 AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
         return out
     path = Path(name)
-    if path.is_dir() and (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+    if path.is_dir() and ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
         return path
     raise RecipeError(f"unknown tokenizer {name!r}: use 'bpe', 'smollm2' or a local folder with tokenizer.json "
                       "(fix `data.tokenizer` in the recipe)")
