@@ -1,6 +1,6 @@
 """Packed low-bit kernels vs torch's dense and low-bit CPU paths, side by side in one run (issue 4).
 
-    python bench/kernels.py [--threads 2] [--reps 30] [--e2e-layers 8] [--skip-e2e]
+    python bench/kernels.py [--threads 2] [--reps 30] [--e2e-models 700M,8x2048] [--skip-e2e]
 
 For (K, N) in (2048, 2048), (4096, 4096), (4096, 11008) and batch 1, 8, 64, times y = x W^T for: torch fp32 and
 bf16 ``F.linear``, torch w4a16 ``_weight_int4pack_mm_for_cpu`` (group 128), torch int8 dynamic quantization
@@ -8,7 +8,10 @@ bf16 ``F.linear``, torch w4a16 ``_weight_int4pack_mm_for_cpu`` (group 128), torc
 weight resident in cache (one weight reused) and streamed from memory (rotating over weight copies larger than
 twice the last-level cache). Prints the best of --reps calls, ratios vs fp32 / bf16 / the best torch low-bit path, and the packed
 kernels' achieved GB/s over packed bytes vs the memory read bandwidth measured here. Then end-to-end greedy
-decode tokens/s of a BitNet model with random weights: packed (``pack_model``) vs the same model in HF fp32.
+decode tokens/s of BitNet models with random weights: packed (``pack_model``) vs the same model in HF fp32. Models
+(``E2E_MODELS``): ``700M`` = the BitNet b1.58 700M shape of the paper's FAQ (hidden 1536, FFN 4096, 24 heads,
+24 layers, LLaMA vocabulary 32000), ``8x2048`` = 8 layers of the 1.3B shape (hidden 2048, FFN 5632), whose fp32
+``lm_head`` is a much larger share of the packed model's bytes.
 """
 
 import argparse
@@ -21,9 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from qat.kernels.packed_linear import packed_linear, selected_path
-from qat.pack.kernel_layout import padded_in_features
+from qat.pack.kernel_layout import BINARY_TILE, padded_in_features
 
 SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008)]
+# name -> (layers, hidden, intermediate, heads, vocab)
+E2E_MODELS = {"700M": (24, 1536, 4096, 24, 32000), "8x2048": (8, 2048, 5632, 16, 32000)}
 BATCHES = [1, 8, 64]
 INT4_GROUP = 128
 
@@ -99,7 +104,8 @@ def make_methods(k: int, n: int, min_total: int, resident: bool):
     def packed(bits):
         row_bytes = padded_in_features(k, bits) * bits // 8
         scale = torch.full((n, 1), 0.01)
-        make = lambda _: torch.randint(0, 256, (n, row_bytes), dtype=torch.uint8, generator=gen)
+        shape = (n, row_bytes) if bits == 2 else (-(-n // BINARY_TILE), row_bytes, BINARY_TILE)   # kernel layouts
+        make = lambda _: torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
         rot = Rotation(make, n * row_bytes, min_total, resident)
         return (lambda x, xb: packed_linear(x, rot.next(), scale, bits, k, k)), n * row_bytes
 
@@ -112,8 +118,9 @@ def kernel_table(reps: int, llc: int, read_gbps: float) -> None:
     min_total = 2 * llc
     print(f"\n| K x N | batch | mode | " + " | ".join(
         ["fp32 ms", "bf16 ms", "int4 ms", "int8 ms", "tern ms", "bin ms",
-         "tern/fp32", "tern/bf16", "tern/best-lowbit", "bin/fp32", "tern GB/s", "tern % of read BW"]) + " |")
-    print("|" + "---|" * 15)
+         "tern/fp32", "tern/bf16", "tern/best-lowbit", "bin/fp32", "bin/bf16", "bin/best-lowbit",
+         "tern GB/s (% of read BW)", "bin GB/s (% of read BW)"]) + " |")
+    print("|" + "---|" * 17)
     for k, n in SHAPES:
         for resident in (True, False):
             factories = make_methods(k, n, min_total, resident)
@@ -127,13 +134,14 @@ def kernel_table(reps: int, llc: int, read_gbps: float) -> None:
                 del call
             for batch in BATCHES:
                 r = {name: t for name, (t, _) in results[batch].items()}
-                tern_bytes = results[batch]["ternary 2b"][1]
                 best_low = min(r["int4 w4a16"], r["int8 dyn"])
-                gbps = tern_bytes / r["ternary 2b"] / 1e9
-                cells = [f"{r[m] * 1e3:.3f}" for m in factories] + [
-                    f"{r['fp32'] / r['ternary 2b']:.1f}x", f"{r['bf16'] / r['ternary 2b']:.1f}x",
-                    f"{best_low / r['ternary 2b']:.1f}x", f"{r['fp32'] / r['binary 1b']:.1f}x",
-                    f"{gbps:.1f}", f"{100 * gbps / read_gbps:.0f}%" if not resident else "-"]
+                cells = [f"{r[m] * 1e3:.3f}" for m in factories]
+                for kernel in ("ternary 2b", "binary 1b"):
+                    cells += [f"{r['fp32'] / r[kernel]:.1f}x", f"{r['bf16'] / r[kernel]:.1f}x",
+                              f"{best_low / r[kernel]:.1f}x"]
+                for kernel in ("ternary 2b", "binary 1b"):
+                    gbps = results[batch][kernel][1] / r[kernel] / 1e9
+                    cells.append(f"{gbps:.1f}" + ("" if resident else f" ({100 * gbps / read_gbps:.0f}%)"))
                 mode = "cache" if resident else "stream"
                 print(f"| {k}x{n} | {batch} | {mode} | " + " | ".join(cells) + " |", flush=True)
 
@@ -151,22 +159,24 @@ def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int) -> fl
     return new_tokens / elapsed
 
 
-def end_to_end(layers: int, hidden: int, intermediate: int, vocab: int, new_tokens: int) -> None:
+def end_to_end(name: str, new_tokens: int) -> None:
     from qat.nn.config import ArchConfig, QuantConfig
     from qat.nn.convert import build_model, convert_to_qat
     from qat.nn.packed_linear import pack_model
 
+    layers, hidden, intermediate, heads, vocab = E2E_MODELS[name]
     torch.manual_seed(0)
     arch = ArchConfig(family="bitnet", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128)
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads)
     dense = build_model(arch).eval()
     packed = pack_model(convert_to_qat(copy.deepcopy(dense), QuantConfig()), inplace=True)
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
     params = sum(p.numel() for p in dense.parameters())
     fp32_tps = decode_tokens_per_second(dense, prompt, new_tokens)
     packed_tps = decode_tokens_per_second(packed, prompt, new_tokens)
-    print(f"\nEnd-to-end greedy decode, BitNet {layers} layers, hidden {hidden}, intermediate {intermediate}, "
-          f"vocab {vocab} ({params / 1e6:.0f}M params), {new_tokens} new tokens after a 16-token prompt:")
+    print(f"\nEnd-to-end greedy decode, BitNet {name}: {layers} layers, hidden {hidden}, intermediate {intermediate}, "
+          f"{heads} heads, vocab {vocab} ({params / 1e6:.0f}M params), {new_tokens} new tokens after a 16-token "
+          "prompt:")
     print("| model | tokens/s | ratio |\n|---|---|---|")
     print(f"| HF fp32 | {fp32_tps:.2f} | 1.0x |")
     print(f"| packed ternary (qat) | {packed_tps:.2f} | {packed_tps / fp32_tps:.1f}x |")
@@ -178,10 +188,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
-    parser.add_argument("--e2e-layers", type=int, default=8)
-    parser.add_argument("--e2e-hidden", type=int, default=2048)
-    parser.add_argument("--e2e-intermediate", type=int, default=5632)
-    parser.add_argument("--e2e-vocab", type=int, default=32000)
+    parser.add_argument("--e2e-models", default="700M,8x2048",
+                        help=f"comma-separated, from: {', '.join(E2E_MODELS)}")
     parser.add_argument("--e2e-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -192,8 +200,13 @@ def main() -> None:
           f"memory read bandwidth {read_gbps:.1f} GB/s")
     if not args.skip_kernels:
         kernel_table(args.reps, llc, read_gbps)
+    models = [m for m in args.e2e_models.split(",") if m]
+    unknown = [m for m in models if m not in E2E_MODELS]
+    if unknown:
+        parser.error(f"--e2e-models: unknown {unknown}; choose from {', '.join(E2E_MODELS)}")
     if not args.skip_e2e:
-        end_to_end(args.e2e_layers, args.e2e_hidden, args.e2e_intermediate, args.e2e_vocab, args.e2e_tokens)
+        for name in models:
+            end_to_end(name, args.e2e_tokens)
 
 
 if __name__ == "__main__":

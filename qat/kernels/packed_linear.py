@@ -38,6 +38,10 @@ def _native_ops():
     def _(x, packed, scale, bits, in_features, group_size, path, out):
         return None
 
+    @torch.library.register_fake("qat_kernels::packed_linear")
+    def _(x, packed, scale, bits, in_features, group_size, path):
+        return x.new_empty((*x.shape[:-1], scale.shape[0]))
+
     return ops
 
 
@@ -73,11 +77,12 @@ def selected_path() -> str:
     return forced
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, bits: int, in_features: int, out_features: int,
+                 dtype: torch.dtype = torch.int8) -> torch.Tensor:
     if bits == TERNARY_BITS:
         return unpack_ternary_2bit(packed, in_features, dtype)
     if bits == BINARY_BITS:
-        return unpack_binary_1bit(packed, in_features, dtype)
+        return unpack_binary_1bit(packed, in_features, out_features, dtype)
     raise ValueError(f"bits must be {BINARY_BITS} (binary) or {TERNARY_BITS} (ternary), got {bits}")
 
 
@@ -86,7 +91,7 @@ def packed_linear_torch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
     """Pure-torch fallback: exact integer dot products (float64 holds them), then the kernels' fp32 epilogue."""
     rows, groups = scale.shape
     x_codes, x_scale = absmax_int8_per_token(x.reshape(-1, in_features).float())
-    w_codes = unpack_codes(packed, bits, in_features, torch.float64)
+    w_codes = unpack_codes(packed, bits, in_features, rows, torch.float64)
     dots = torch.einsum("tgk,ngk->tng", x_codes.double().reshape(-1, groups, in_features // groups),
                         w_codes.reshape(rows, groups, in_features // groups))
     y = (dots.float() * scale).sum(-1) / x_scale
@@ -111,8 +116,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
     native_groups = groups == 1 or (group_size % values_per_block(bits) == 0 and groups <= MAX_NATIVE_GROUPS)
     if path == "torch" or not native_groups:
         return packed_linear_torch(x, packed, scale, bits, in_features, group_size)
-    rows = packed.shape[0]
     if out is None:
-        out = torch.empty((x.numel() // in_features, rows), dtype=torch.float32)
+        return _native_ops().packed_linear(x, packed, scale, bits, in_features, group_size, path)
     _native_ops().packed_linear_out(x, packed, scale, bits, in_features, group_size, path, out)
-    return out.to(x.dtype).reshape(*x.shape[:-1], rows)
+    return out.to(x.dtype).reshape(*x.shape[:-1], scale.shape[0])

@@ -27,7 +27,8 @@ PACKERS = {TERNARY_BITS: pack_ternary_2bit, BINARY_BITS: pack_binary_1bit}
 class PackedLinear(nn.Module):
     """Linear layer over packed ternary/binary codes with per-tensor/row/group scales.
 
-    Buffers: ``packed`` uint8 (out, padded_in * bits / 8) in the kernel layout, ``scale`` float32
+    Buffers: ``packed`` uint8 in the kernel layout (ternary (out, padded_in / 4), binary row tiles
+    (ceil(out / 32), padded_in / 8, 32); :mod:`qat.pack.kernel_layout`), ``scale`` float32
     (out, groups), optional ``bias``. ``rms_norm`` is BitLinear's in-layer RMSNorm (``inlayer`` placement).
 
     Example usage::
@@ -84,7 +85,7 @@ class PackedLinear(nn.Module):
                    "int8_per_token", bias, copy.deepcopy(layer.rms_norm))
 
     def codes(self) -> torch.Tensor:
-        return unpack_codes(self.packed, self.bits, self.in_features)
+        return unpack_codes(self.packed, self.bits, self.in_features, self.out_features)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = self.codes().to(dtype).reshape(self.out_features, self.scale.shape[1], -1)

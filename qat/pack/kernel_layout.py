@@ -1,15 +1,20 @@
-"""Ternary (2 bits) and binary (1 bit) codes <-> the layout the packed kernels read (``kernels/``).
+"""Ternary (2 bits) and binary (1 bit) codes <-> the layouts the packed kernels read (``kernels/``).
 
-Per output row, the input dimension is cut into blocks of 64 bytes. Element ``e = 64 * plane + j`` of a block is
-stored in byte ``j``, bits ``[plane * bits, (plane + 1) * bits)``:
+Ternary, shape (out, padded_in / 4): per output row, the input dimension is cut into blocks of 64 bytes; element
+``e = 64 * plane + j`` of a block is stored in byte ``j``, bits ``[2 * plane, 2 * plane + 2)``, as ``code + 1`` in
+{0, 1, 2} (as I2_S / TQ2_0 / HF). One shift and mask of a 64-byte load yields 64 weights that line up with 64
+contiguous int8 activations (AVX-512: one register, AVX2: two), so the dot product needs no shuffles.
 
-- ternary: 4 planes, 256 values per block, stored value ``code + 1`` in {0, 1, 2} (as I2_S / TQ2_0 / HF);
-- binary: 8 planes, 512 values per block, stored bit ``(code + 1) / 2`` in {0, 1}.
+Binary, shape (ceil(out / 32), padded_in / 8, 32): rows in tiles of 32; within a tile, byte ``c`` of a row holds
+columns ``8c .. 8c + 7`` (bit ``i`` = column ``8c + i``, 1 for code +1, 0 for -1), and the 32 rows' byte ``c`` are
+stored together, row ``BINARY_TILE_ROWS[p]`` at position ``p``. A 32-byte load is then one 4-column group (a
+nibble) of 32 rows, the index vector of a T-MAC style table lookup (``vpshufb`` into the 16 signed sums of 4
+activations); the position order is the one AVX2's byte unpack produces, so results come out in row order.
 
-One shift and mask of a 64-byte load yields 64 weights that line up with 64 contiguous int8 activations
-(AVX-512: one register, AVX2: two), so the kernels need no shuffles. Rows are zero-code padded to whole blocks
-(the kernels zero-pad the activations, so padding never contributes). Each packer has its exact inverse here;
-:func:`ternary_2bit_from_hf` converts the HF export layout without going through floats.
+Input columns are zero-padded to whole 256 (ternary) / 512 (binary) value blocks, binary rows to whole tiles;
+the kernels zero-pad the activations and never write padded rows, so padding never contributes. Group scales
+fall on these blocks. Each packer has its exact inverse here; :func:`ternary_2bit_from_hf` converts the HF
+export layout without going through floats.
 """
 
 import torch
@@ -19,6 +24,9 @@ from qat.pack.hf_bitnet import unpack_ternary_hf
 BLOCK_BYTES = 64
 TERNARY_BITS = 2
 BINARY_BITS = 1
+BINARY_TILE = 32
+# Tile position -> row: AVX2's byte unpack of a 32-byte vector yields positions 0-7, 16-23 (low) then 8-15, 24-31.
+BINARY_TILE_ROWS = (*range(0, 8), *range(16, 24), *range(8, 16), *range(24, 32))
 
 
 def values_per_block(bits: int) -> int:
@@ -71,14 +79,30 @@ def unpack_ternary_2bit(packed: torch.Tensor, in_features: int, dtype: torch.dty
 
 
 def pack_binary_1bit(codes: torch.Tensor) -> torch.Tensor:
-    """Codes in {-1, 1}, shape (out, in) -> uint8 (out, padded_in / 8) in the kernel layout."""
+    """Codes in {-1, 1}, shape (out, in) -> uint8 (ceil(out / 32), padded_in / 8, 32) in the tiled layout."""
     _check_codes(codes, (-1, 1))
-    return _pack_planes((codes > 0).to(torch.uint8), BINARY_BITS)
+    rows, k = codes.shape
+    tiles = -(-rows // BINARY_TILE)
+    bits = torch.zeros((tiles * BINARY_TILE, padded_in_features(k, BINARY_BITS)), dtype=torch.uint8,
+                       device=codes.device)
+    bits[:rows, :k] = codes > 0
+    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.uint8))
+    row_bytes = (bits.reshape(tiles * BINARY_TILE, -1, 8) * weights).sum(-1, dtype=torch.uint8)   # disjoint bits
+    order = torch.tensor(BINARY_TILE_ROWS, device=codes.device)
+    return row_bytes.reshape(tiles, BINARY_TILE, -1)[:, order].transpose(1, 2).contiguous()
 
 
-def unpack_binary_1bit(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+def unpack_binary_1bit(packed: torch.Tensor, in_features: int, out_features: int,
+                       dtype: torch.dtype = torch.int8) -> torch.Tensor:
     """Exact inverse of :func:`pack_binary_1bit`."""
-    return (_unpack_planes(packed, BINARY_BITS, in_features).to(torch.int16) * 2 - 1).to(dtype)
+    if packed.dim() != 3 or packed.shape[2] != BINARY_TILE or packed.shape[0] != -(-out_features // BINARY_TILE):
+        raise ValueError(f"binary packed weight must be (ceil(out / 32), padded_in / 8, 32) for out_features="
+                         f"{out_features}; got {tuple(packed.shape)}")
+    inverse = torch.argsort(torch.tensor(BINARY_TILE_ROWS, device=packed.device))
+    row_bytes = packed.transpose(1, 2)[:, inverse].reshape(-1, packed.shape[1])      # (tiles * 32, padded_in / 8)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (row_bytes.unsqueeze(-1) >> shifts) & 1
+    return (bits.reshape(row_bytes.shape[0], -1)[:out_features, :in_features].to(torch.int16) * 2 - 1).to(dtype)
 
 
 def ternary_2bit_from_hf(packed_hf: torch.Tensor) -> torch.Tensor:

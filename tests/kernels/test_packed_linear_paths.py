@@ -5,7 +5,7 @@ import torch
 
 from qat.kernels.packed_linear import (CPU_PATHS, KernelPathError, packed_linear, packed_linear_torch, path_support,
                                        selected_path)
-from tests.references.packed_linear_reference import assert_matches_reference, random_problem
+from tests.references.packed_linear_reference import PACKERS, assert_matches_reference, random_problem
 
 pytestmark = pytest.mark.kernels
 
@@ -38,20 +38,36 @@ def test_path_matches_float64_reference(forced_path, bits, shape):
     assert_matches_reference(y, x, codes, scale)
 
 
-def test_paths_agree_bitwise_and_keep_leading_dims(monkeypatch):
+@pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
+def test_paths_agree_bitwise_and_keep_leading_dims(monkeypatch, bits):
     """All paths share one fp32 epilogue, so tensor/row-scale results are bit-identical across paths."""
-    codes, packed, scale, x = random_problem(2, 6, 40, 777, 1, seed=7)
+    codes, packed, scale, x = random_problem(bits, 6, 40, 777, 1, seed=7)
     x = x.reshape(2, 3, 777)
     results = {}
     for path in CPU_PATHS:
         if path_support(path)[0]:
             monkeypatch.setenv("QAT_KERNEL_PATH", path)
-            results[path] = packed_linear(x, packed, scale, 2, 777, 777)
+            results[path] = packed_linear(x, packed, scale, bits, 777, 777)
     assert len(results) >= 2
     first = next(iter(results.values()))
     assert first.shape == (2, 3, 40)
     for path, y in results.items():
         assert torch.equal(y, first), path
+
+
+@pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_extreme_dots_do_not_overflow_narrow_accumulators(forced_path, bits, sign):
+    """Every activation code at 127 and every weight code at +-1: the largest dots the int16 lanes (vpmaddubsw sums,
+    table-lookup sums) ever hold, over 8192 inputs and 5 tokens (a 4-token tile and a decode token)."""
+    rows, k = 37, 8192
+    codes = torch.full((rows, k), sign)
+    packed = PACKERS[bits](codes)
+    scale = torch.ones(rows, 1)
+    x = torch.full((5, k), 3.0)                          # all codes 127, x_scale = 127 / 3
+    y = packed_linear(x, packed, scale, bits, k, k)
+    torch.testing.assert_close(y, torch.full((5, rows), sign * 3.0 * k), rtol=1e-6, atol=0)
+    assert_matches_reference(y, x, codes, scale)
 
 
 def test_bf16_input_gives_bf16_output(monkeypatch):

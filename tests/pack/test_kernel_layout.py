@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from qat.pack.hf_bitnet import pack_ternary_hf
-from qat.pack.kernel_layout import (pack_binary_1bit, pack_ternary_2bit, padded_in_features, ternary_2bit_from_hf,
-                                    unpack_binary_1bit, unpack_ternary_2bit)
+from qat.pack.kernel_layout import (BINARY_TILE_ROWS, pack_binary_1bit, pack_ternary_2bit, padded_in_features,
+                                    ternary_2bit_from_hf, unpack_binary_1bit, unpack_ternary_2bit)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 255), (5, 256), (8, 1000), (4, 4096)])
@@ -16,12 +16,14 @@ def test_ternary_round_trip_and_size(shape):
     assert torch.equal(unpack_ternary_2bit(packed, shape[1]), codes.to(torch.int8))
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 511), (5, 512), (7, 1300)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 511), (5, 512), (7, 1300), (32, 8), (45, 600), (64, 1024)])
 def test_binary_round_trip_and_size(shape):
     codes = torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(sum(shape))) * 2 - 1
     packed = pack_binary_1bit(codes)
-    assert packed.shape == (shape[0], padded_in_features(shape[1], 1) // 8)
-    assert torch.equal(unpack_binary_1bit(packed, shape[1]), codes.to(torch.int8))
+    assert packed.shape == (-(-shape[0] // 32), padded_in_features(shape[1], 1) // 8, 32)
+    assert torch.equal(unpack_binary_1bit(packed, shape[1], shape[0]), codes.to(torch.int8))
+    with pytest.raises(ValueError, match="ceil\\(out / 32\\)"):
+        unpack_binary_1bit(packed, shape[1], shape[0] + 32)
 
 
 def test_bit_positions_follow_the_documented_layout():
@@ -33,9 +35,20 @@ def test_bit_positions_follow_the_documented_layout():
     zero_byte = 0b01010101              # code 0 -> stored 1 in all four planes
     assert packed[5] == (zero_byte & ~(0b11 << 4)) | (2 << 4)
     assert packed[64 + 63] == zero_byte & ~(0b11 << 6)
-    binary = torch.ones(1, 512, dtype=torch.int64)
-    binary[0, 64 * 7 + 9] = -1          # plane 7, byte 9 -> bit 7 cleared
-    assert pack_binary_1bit(binary)[0, 9] == 0b01111111
+
+
+
+def test_binary_bit_positions_follow_the_documented_tile_layout():
+    """Row n, column k: tile n // 32, byte k // 8, position p with BINARY_TILE_ROWS[p] == n % 32, bit k % 8."""
+    assert sorted(BINARY_TILE_ROWS) == list(range(32))
+    assert BINARY_TILE_ROWS[8] == 16 and BINARY_TILE_ROWS[16] == 8     # AVX2 unpack order: 0-7, 16-23 | 8-15, 24-31
+    binary = torch.ones(40, 520, dtype=torch.int64)
+    binary[33, 8 * 3 + 5] = -1          # tile 1, row 1 -> position 1; byte 3, bit 5 cleared
+    binary[9, 512 + 2] = -1             # tile 0, row 9 -> position 17; byte 64, bit 2 cleared
+    packed = pack_binary_1bit(binary)
+    assert packed[1, 3, 1] == 0b11011111
+    assert packed[0, 64, 17] == 0b11111011
+    assert packed[1, 0, BINARY_TILE_ROWS.index(8)] == 0          # rows past out_features: zero bits (code -1)
 
 
 def test_conversion_from_hf_layout_is_exact():
