@@ -1,17 +1,18 @@
 """Packed low-bit kernels vs torch's dense and low-bit CPU paths, side by side in one run (issue 4).
 
-    python bench/kernels.py [--threads 2] [--reps 30] [--e2e-models 700M,8x2048] [--skip-e2e]
+    python bench/kernels.py [--threads 2] [--reps 30] [--e2e-models 700M,1.3B,8x2048] [--skip-e2e]
 
 For (K, N) in (2048, 2048), (4096, 4096), (4096, 11008) and batch 1, 8, 64, times y = x W^T for: torch fp32 and
 bf16 ``F.linear``, torch w4a16 ``_weight_int4pack_mm_for_cpu`` (group 128), torch int8 dynamic quantization
 (``quantized::linear_dynamic``), and qat's packed ternary (2-bit) and binary (1-bit) kernels, each with the
 weight resident in cache (one weight reused) and streamed from memory (rotating over weight copies larger than
-twice the last-level cache). Prints the best of --reps calls, ratios vs fp32 / bf16 / the best torch low-bit path, and the packed
-kernels' achieved GB/s over packed bytes vs the memory read bandwidth measured here. Then end-to-end greedy
-decode tokens/s of BitNet models with random weights: packed (``pack_model``) vs the same model in HF fp32. Models
-(``E2E_MODELS``): ``700M`` = the BitNet b1.58 700M shape of the paper's FAQ (hidden 1536, FFN 4096, 24 heads,
-24 layers, LLaMA vocabulary 32000), ``8x2048`` = 8 layers of the 1.3B shape (hidden 2048, FFN 5632), whose fp32
-``lm_head`` is a much larger share of the packed model's bytes.
+twice the last-level cache). Prints the best of --reps calls, ratios vs fp32 / bf16 / the best torch low-bit
+path, and the packed kernels' achieved GB/s over packed bytes vs the memory read bandwidth measured here. Then
+the fp32 lm_head GEMV a packed model keeps, torch vs qat, and end-to-end greedy decode tokens/s of BitNet models
+with random weights: packed (``pack_model``, ternary and binary) vs the same model in HF fp32. Models
+(``E2E_MODELS``): ``700M`` and ``1.3B`` = the BitNet b1.58 shapes of the paper's FAQ (hidden 1536 / 2048, FFN
+4096 / 5460, 24 / 32 heads, 24 layers, LLaMA vocabulary 32000), ``8x2048`` = 8 layers of hidden 2048, FFN 5632,
+whose fp32 ``lm_head`` is a much larger share of the packed model's bytes.
 """
 
 import argparse
@@ -23,12 +24,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qat.kernels.packed_linear import packed_linear, selected_path
+from qat.kernels.packed_linear import dense_linear, packed_linear, selected_path
 from qat.pack.kernel_layout import BINARY_TILE, padded_in_features
 
 SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008)]
+HEAD_SHAPES = [(32000, 1536), (32000, 2048)]   # lm_head of the end-to-end models
 # name -> (layers, hidden, intermediate, heads, vocab)
-E2E_MODELS = {"700M": (24, 1536, 4096, 24, 32000), "8x2048": (8, 2048, 5632, 16, 32000)}
+E2E_MODELS = {"700M": (24, 1536, 4096, 24, 32000), "1.3B": (24, 2048, 5460, 32, 32000),
+              "8x2048": (8, 2048, 5632, 16, 32000)}
 BATCHES = [1, 8, 64]
 INT4_GROUP = 128
 
@@ -146,17 +149,38 @@ def kernel_table(reps: int, llc: int, read_gbps: float) -> None:
                 print(f"| {k}x{n} | {batch} | {mode} | " + " | ".join(cells) + " |", flush=True)
 
 
-def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int) -> float:
+def head_table(reps: int, read_gbps: float) -> None:
+    """The fp32 head a packed model keeps (vocab x hidden), one token: torch's GEMV vs qat's (``dense_linear``)."""
+    print("\nFull-precision lm_head, one token, fp32 weights streamed from memory:")
+    print("| vocab x hidden | torch F.linear ms | qat dense_gemv ms | speed-up | torch GB/s | qat GB/s (% of read BW) |")
+    print("|---|---|---|---|---|---|")
+    for n, k in HEAD_SHAPES:
+        weights = [torch.randn(n, k) for _ in range(2)]      # each far larger than the cache
+        x = torch.randn(1, 1, k)
+        turn = iter(range(10**9))
+        torch_s = best_seconds(lambda: F.linear(x, weights[next(turn) % 2]), reps)
+        qat_s = best_seconds(lambda: dense_linear(x, weights[next(turn) % 2]), reps)
+        nbytes = n * k * 4
+        qat_gbps = nbytes / qat_s / 1e9
+        print(f"| {n}x{k} | {torch_s * 1e3:.2f} | {qat_s * 1e3:.2f} | {torch_s / qat_s:.2f}x | "
+              f"{nbytes / torch_s / 1e9:.1f} | {qat_gbps:.1f} ({100 * qat_gbps / read_gbps:.0f}%) |", flush=True)
+
+
+def decode_tokens_per_second(models: dict, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> dict:
+    """Greedy-decode tokens/s of each model, best of ``rounds`` runs taken in turns (model A, B, C, A, B, C, ...),
+    so that a burst of load on this shared machine hits one run of every model rather than all runs of one."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    best = {name: float("inf") for name in models}
     with torch.no_grad():
-        model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)   # warm up
-        elapsed = float("inf")
-        for _ in range(2):   # best of two, for the same reason as best_seconds
-            start = time.perf_counter()
-            out = model.generate(prompt, **kwargs)
-            elapsed = min(elapsed, time.perf_counter() - start)
-    assert out.shape[1] == prompt.shape[1] + new_tokens
-    return new_tokens / elapsed
+        for model in models.values():   # warm up
+            model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+        for _ in range(rounds):
+            for name, model in models.items():
+                start = time.perf_counter()
+                out = model.generate(prompt, **kwargs)
+                best[name] = min(best[name], time.perf_counter() - start)
+                assert out.shape[1] == prompt.shape[1] + new_tokens
+    return {name: new_tokens / seconds for name, seconds in best.items()}
 
 
 def end_to_end(name: str, new_tokens: int) -> None:
@@ -169,17 +193,19 @@ def end_to_end(name: str, new_tokens: int) -> None:
     arch = ArchConfig(family="bitnet", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads)
     dense = build_model(arch).eval()
-    packed = pack_model(convert_to_qat(copy.deepcopy(dense), QuantConfig()), inplace=True)
-    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
     params = sum(p.numel() for p in dense.parameters())
-    fp32_tps = decode_tokens_per_second(dense, prompt, new_tokens)
-    packed_tps = decode_tokens_per_second(packed, prompt, new_tokens)
-    print(f"\nEnd-to-end greedy decode, BitNet {name}: {layers} layers, hidden {hidden}, intermediate {intermediate}, "
-          f"{heads} heads, vocab {vocab} ({params / 1e6:.0f}M params), {new_tokens} new tokens after a 16-token "
-          "prompt:")
+    models = {"HF fp32": dense}
+    for kind, weight in (("ternary", "absmean_ternary"), ("binary", "absmean_binary")):
+        models[f"packed {kind} (qat)"] = pack_model(convert_to_qat(copy.deepcopy(dense), QuantConfig(weight=weight)),
+                                                    inplace=True)
+    prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    tokens_per_s = decode_tokens_per_second(models, prompt, new_tokens)
+    print(f"\nEnd-to-end greedy decode, BitNet {name}: {layers} layers, hidden {hidden}, intermediate "
+          f"{intermediate}, {heads} heads, vocab {vocab} ({params / 1e6:.0f}M params), {new_tokens} new tokens after "
+          "a 16-token prompt, best of 3 runs taken in turns:")
     print("| model | tokens/s | ratio |\n|---|---|---|")
-    print(f"| HF fp32 | {fp32_tps:.2f} | 1.0x |")
-    print(f"| packed ternary (qat) | {packed_tps:.2f} | {packed_tps / fp32_tps:.1f}x |")
+    for model_name, tps in tokens_per_s.items():
+        print(f"| {model_name} | {tps:.2f} | {tps / tokens_per_s['HF fp32']:.1f}x |")
 
 
 def main() -> None:
@@ -188,7 +214,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
-    parser.add_argument("--e2e-models", default="700M,8x2048",
+    parser.add_argument("--e2e-models", default="700M,1.3B,8x2048",
                         help=f"comma-separated, from: {', '.join(E2E_MODELS)}")
     parser.add_argument("--e2e-tokens", type=int, default=32)
     args = parser.parse_args()
@@ -200,6 +226,7 @@ def main() -> None:
           f"memory read bandwidth {read_gbps:.1f} GB/s")
     if not args.skip_kernels:
         kernel_table(args.reps, llc, read_gbps)
+        head_table(args.reps, read_gbps)
     models = [m for m in args.e2e_models.split(",") if m]
     unknown = [m for m in models if m not in E2E_MODELS]
     if unknown:

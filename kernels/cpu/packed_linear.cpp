@@ -103,8 +103,8 @@ struct Problem {
   // Stored value of row n, column k (ternary q = code + 1, binary b = (code + 1) / 2): the layouts' definition.
   int stored(int64_t n, int64_t k) const {
     if (bits == 2) {
-      const int64_t e = k % values_per_block();
-      return (w[n * row_bytes + (k / values_per_block()) * kBlockBytes + e % kBlockBytes] >> (2 * (e / kBlockBytes))) & 3;
+      const int64_t e = k % values_per_block(), byte = (k / values_per_block()) * kBlockBytes + e % kBlockBytes;
+      return (w[n * row_bytes + byte] >> (2 * (e / kBlockBytes))) & 3;
     }
     return (w[((n / kBinaryTile) * row_bytes + k / 8) * kBinaryTile + binary_tile_pos(n % kBinaryTile)] >> (k % 8)) & 1;
   }
@@ -379,80 +379,97 @@ __attribute__((target("avx2,fma"))) void build_binary_luts_avx2(const int8_t* x,
   }
 }
 
-// Binary decode of one tile (32 rows) for one token. Per input byte c: the 32-byte load gives the low nibbles
-// (group 2c) and high nibbles (group 2c + 1) of 32 rows; each nibble set indexes its group's two tables, and
-// unpacking (low, high) byte pairs restores int16 sums in row order (the layout's position order). |entry| <= 512,
-// so int16 lanes take 32 entries (kLutChunk bytes) before widening to int32.
+// Binary table lookup over one tile (32 rows) for TT tokens (tables of token t0 + i at luts + i * lut_bytes). Per
+// input byte c: the 32-byte load gives the low nibbles (group 2c) and high nibbles (group 2c + 1) of 32 rows; each
+// nibble vector indexes its group's two tables, and unpacking (low, high) byte pairs restores int16 sums in row
+// order (the layout's position order). The nibble extraction is shared by the TT tokens, and a tile's bytes stay in
+// L1 from one token pair to the next. |entry| <= 512, so int16 lanes take 32 entries (kLutChunk bytes) before
+// widening to int32.
 constexpr int64_t kLutChunk = 32;
 constexpr int64_t kBinaryPrefetchBytes = 4096;
+constexpr int64_t kLutMaxTokens = 8;   // up to this batch, every token by table lookup; above, 4-token unpacked tiles
 
 // One 16-byte table in both 128-bit lanes (vpshufb looks up within each lane).
 __attribute__((target("avx2,fma"), always_inline)) inline __m256i broadcast_table(const uint8_t* table) {
   return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table)));
 }
 
-__attribute__((target("avx2,fma"))) void decode_binary_lut_avx2(const Problem& p, const uint8_t* luts, int64_t tile,
-                                                               int64_t t) {
+template <int TT>
+__attribute__((target("avx2,fma"))) void lut_tile_avx2(const Problem& p, const uint8_t* luts, int64_t lut_bytes,
+                                                      int64_t tile, int64_t t0) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const uint8_t* w = p.w + tile * p.row_bytes * kBinaryTile;
-  alignas(32) int32_t dots[64][kBinaryTile];   // per group, per row of the tile
+  alignas(32) int32_t dots[TT][64][kBinaryTile];   // per token, per group, per row of the tile
   for (int64_t g = 0; g < p.groups; ++g) {
-    __m256i acc[4];   // int32: rows 0-7, 8-15, 16-23, 24-31
-    for (auto& a : acc) a = _mm256_setzero_si256();
+    __m256i acc[TT][4];   // int32: rows 0-7, 8-15, 16-23, 24-31
+    for (int t = 0; t < TT; ++t)
+      for (auto& a : acc[t]) a = _mm256_setzero_si256();
     const int64_t c_end = p.group_end(g) * kBlockBytes;   // a 512-value block spans 64 input bytes
     for (int64_t c0 = g * p.blocks_per_group * kBlockBytes; c0 < c_end; c0 += kLutChunk) {
-      __m256i rows_lo_even = _mm256_setzero_si256(), rows_hi_even = _mm256_setzero_si256();
-      __m256i rows_lo_odd = _mm256_setzero_si256(), rows_hi_odd = _mm256_setzero_si256();
-#pragma GCC unroll 4
+      __m256i sums[TT][4];   // int16: unpacklo / unpackhi of the even (low nibble) and odd (high nibble) groups
+      for (int t = 0; t < TT; ++t)
+        for (auto& s : sums[t]) s = _mm256_setzero_si256();
+#pragma GCC unroll 2
       for (int64_t c = c0; c < c0 + kLutChunk; ++c) {
         if ((c & 1) == 0)   // one prefetch per 64-byte line
           _mm_prefetch(reinterpret_cast<const char*>(w + c * kBinaryTile + kBinaryPrefetchBytes), _MM_HINT_T0);
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * kBinaryTile));
         const __m256i idx_even = _mm256_and_si256(wv, nibble);
         const __m256i idx_odd = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
-        const uint8_t* lut = luts + 2 * c * kLutBytes;
-        const __m256i even_lo = _mm256_shuffle_epi8(broadcast_table(lut), idx_even);
-        const __m256i even_hi = _mm256_shuffle_epi8(broadcast_table(lut + 16), idx_even);
-        const __m256i odd_lo = _mm256_shuffle_epi8(broadcast_table(lut + 32), idx_odd);
-        const __m256i odd_hi = _mm256_shuffle_epi8(broadcast_table(lut + 48), idx_odd);
-        rows_lo_even = _mm256_add_epi16(rows_lo_even, _mm256_unpacklo_epi8(even_lo, even_hi));
-        rows_hi_even = _mm256_add_epi16(rows_hi_even, _mm256_unpackhi_epi8(even_lo, even_hi));
-        rows_lo_odd = _mm256_add_epi16(rows_lo_odd, _mm256_unpacklo_epi8(odd_lo, odd_hi));
-        rows_hi_odd = _mm256_add_epi16(rows_hi_odd, _mm256_unpackhi_epi8(odd_lo, odd_hi));
+        for (int t = 0; t < TT; ++t) {
+          const uint8_t* lut = luts + t * lut_bytes + 2 * c * kLutBytes;
+          const __m256i even_lo = _mm256_shuffle_epi8(broadcast_table(lut), idx_even);
+          const __m256i even_hi = _mm256_shuffle_epi8(broadcast_table(lut + 16), idx_even);
+          const __m256i odd_lo = _mm256_shuffle_epi8(broadcast_table(lut + 32), idx_odd);
+          const __m256i odd_hi = _mm256_shuffle_epi8(broadcast_table(lut + 48), idx_odd);
+          sums[t][0] = _mm256_add_epi16(sums[t][0], _mm256_unpacklo_epi8(even_lo, even_hi));
+          sums[t][1] = _mm256_add_epi16(sums[t][1], _mm256_unpackhi_epi8(even_lo, even_hi));
+          sums[t][2] = _mm256_add_epi16(sums[t][2], _mm256_unpacklo_epi8(odd_lo, odd_hi));
+          sums[t][3] = _mm256_add_epi16(sums[t][3], _mm256_unpackhi_epi8(odd_lo, odd_hi));
+        }
       }
       // unpacklo lanes hold rows 0-7 | 8-15, unpackhi rows 16-23 | 24-31.
-      const __m256i halves[2][2] = {{rows_lo_even, rows_lo_odd}, {rows_hi_even, rows_hi_odd}};
-      for (int h = 0; h < 2; ++h)
-        for (const __m256i& v : halves[h]) {
-          acc[2 * h] = _mm256_add_epi32(acc[2 * h], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
-          acc[2 * h + 1] = _mm256_add_epi32(acc[2 * h + 1], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
+      for (int t = 0; t < TT; ++t)
+        for (int i = 0; i < 4; ++i) {
+          const int half = i % 2;   // 0: unpacklo, 1: unpackhi
+          acc[t][2 * half] = _mm256_add_epi32(acc[t][2 * half], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums[t][i])));
+          acc[t][2 * half + 1] = _mm256_add_epi32(acc[t][2 * half + 1],
+                                                  _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums[t][i], 1)));
         }
     }
-    for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(dots[g] + 8 * q), acc[q]);
+    for (int t = 0; t < TT; ++t)
+      for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(dots[t][g] + 8 * q), acc[t][q]);
   }
   int32_t row_dots[64];
-  for (int64_t r = 0; r < kBinaryTile && tile * kBinaryTile + r < p.rows; ++r) {
-    for (int64_t g = 0; g < p.groups; ++g) row_dots[g] = dots[g][r];
-    finish_row(p, tile * kBinaryTile + r, t, row_dots);
-  }
+  for (int t = 0; t < TT; ++t)
+    for (int64_t r = 0; r < kBinaryTile && tile * kBinaryTile + r < p.rows; ++r) {
+      for (int64_t g = 0; g < p.groups; ++g) row_dots[g] = dots[t][g][r];
+      finish_row(p, tile * kBinaryTile + r, t0 + t, row_dots);
+    }
 }
 
-// Binary tiles [tile0, tile1): token tiles by unpack + vpmaddubsw (prefill), the rest by table lookup (decode);
-// `luts` holds the tables of the tokens past the last full token tile.
+// First token run by table lookup (earlier ones go through unpacked 4-token tiles).
+inline int64_t first_lut_token(int64_t tokens) {
+  return tokens <= kLutMaxTokens ? 0 : tokens - tokens % kTokenTile;
+}
+
+// Binary tiles [tile0, tile1). `luts` holds the tables of the tokens from first_lut_token on.
 void binary_tiles_avx2(const Problem& p, const int32_t* xsums, const uint8_t* luts, int64_t tile0, int64_t tile1) {
-  const int64_t tiled_tokens = p.tokens - p.tokens % kTokenTile;
-  if (tiled_tokens > 0) {
+  const int64_t first = first_lut_token(p.tokens);
+  if (first > 0) {
     std::vector<uint8_t> qrows(kBinaryTile * p.padded_k);
     for (int64_t tile = tile0; tile < tile1; ++tile) {
       unpack_binary_tile(p, tile, qrows.data());
       for (int64_t r = 0; r < kBinaryTile && tile * kBinaryTile + r < p.rows; ++r)
-        prefill_row_avx2(p, xsums, tile * kBinaryTile + r, tiled_tokens, qrows.data() + r * p.padded_k);
+        prefill_row_avx2(p, xsums, tile * kBinaryTile + r, first, qrows.data() + r * p.padded_k);
     }
   }
   const int64_t lut_bytes = p.padded_k / 4 * kLutBytes;
-  for (int64_t t = tiled_tokens; t < p.tokens; ++t)
-    for (int64_t tile = tile0; tile < tile1; ++tile)
-      decode_binary_lut_avx2(p, luts + (t - tiled_tokens) * lut_bytes, tile, t);
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    int64_t t = first;
+    for (; t + 2 <= p.tokens; t += 2) lut_tile_avx2<2>(p, luts + (t - first) * lut_bytes, lut_bytes, tile, t);
+    if (t < p.tokens) lut_tile_avx2<1>(p, luts + (t - first) * lut_bytes, lut_bytes, tile, t);
+  }
 }
 #endif  // QAT_X86
 
@@ -470,8 +487,16 @@ bool cpu_has(const std::string& path) {
 // Unpack to int8 codes (rows, padded_k) for the at::_int_mm path: ternary rows [u0, u1), binary tiles [u0, u1).
 void unpack_int8(const Problem& p, int8_t* out, int64_t u0, int64_t u1) {
   if (p.bits == 2) {
-    for (int64_t n = u0; n < u1; ++n)
-      for (int64_t k = 0; k < p.padded_k; ++k) out[n * p.padded_k + k] = static_cast<int8_t>(p.stored(n, k) - 1);
+    for (int64_t n = u0; n < u1; ++n) {
+      const uint8_t* wrow = p.w + n * p.row_bytes;
+      int8_t* o = out + n * p.padded_k;
+      for (int64_t b = 0; b < p.blocks(); ++b)
+        for (int plane = 0; plane < 4; ++plane)
+          for (int64_t j = 0; j < kBlockBytes; ++j) {   // the layout's definition, in a loop that vectorizes
+            const int q = (wrow[b * kBlockBytes + j] >> (2 * plane)) & 3;
+            o[(b * 4 + plane) * kBlockBytes + j] = static_cast<int8_t>(q - 1);
+          }
+    }
     return;
   }
   std::vector<uint8_t> qrows(kBinaryTile * p.padded_k);
@@ -545,13 +570,15 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
   }
   const std::vector<int32_t> xsums = group_xsums(p);
   const int32_t* xs = xsums.data();
-  std::vector<uint8_t> luts;   // binary table lookup: tables of the tokens past the last full token tile
+  std::vector<uint8_t> luts;   // binary table lookup: tables of the tokens from first_lut_token on
 #ifdef QAT_X86
   if (binary && path != "portable") {
-    const int64_t first = tokens - tokens % kTokenTile, lut_bytes = padded_k / 4 * kLutBytes;
+    const int64_t first = first_lut_token(tokens), lut_bytes = padded_k / 4 * kLutBytes;
     luts.resize((tokens - first) * lut_bytes);
-    for (int64_t t = first; t < tokens; ++t)
-      build_binary_luts_avx2(act.codes.data() + t * padded_k, padded_k, luts.data() + (t - first) * lut_bytes);
+    at::parallel_for(first, tokens, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        build_binary_luts_avx2(act.codes.data() + t * padded_k, padded_k, luts.data() + (t - first) * lut_bytes);
+    });
   }
 #endif
   at::parallel_for(0, units, binary ? 1 : 8, [&](int64_t u0, int64_t u1) {
@@ -582,6 +609,82 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
   return out.view(sizes).to(x.scalar_type());
 }
 
+// ---------------------------------------------------------------- fp32 GEMV for the full-precision head
+// Decode's one token through a kept-full-precision layer (lm_head: 32000 x 1536 fp32 = 197 MB per token, more bytes
+// than all packed layers of a 700M model together) is a pure memory stream. torch's fp32 GEMV reaches 55-75% of
+// the read bandwidth here (bench/kernels.py); 4 rows at a time, each tile prefetched as one linear stream,
+// reaches ~90%. Sums are exact fp32 FMAs in another order than torch's (differences ~1e-7 relative).
+constexpr int64_t kGemvRows = 4;
+
+__attribute__((target("avx2,fma"))) inline float hsum_ps_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int RR>
+__attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* w, const float* x, float* y, int64_t k,
+                                                       int64_t n0) {
+  const float* tile = w + n0 * k;
+  __m256 acc[RR][2];
+  for (int r = 0; r < RR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    for (int r = 0; r < RR; ++r) {
+      const float* row = tile + r * k + i;
+      _mm_prefetch(reinterpret_cast<const char*>(row + 1024), _MM_HINT_T0);   // 4 KiB ahead in this row
+      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(row), x0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(row + 8), x1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < RR; ++r) {
+    float sum = hsum_ps_avx2(_mm256_add_ps(acc[r][0], acc[r][1]));
+    for (int64_t j = i; j < k; ++j) sum += tile[r * k + j] * x[j];
+    y[n0 + r] = sum;
+  }
+}
+
+// y = W x for one token: x float32 with k elements (any leading shape of size 1), W float32 (n, k) contiguous.
+// `path`: "portable" runs the plain loop, the SIMD paths the AVX2 code.
+at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight, const std::string& path) {
+  TORCH_CHECK(cpu_has(path), "dense_gemv: this CPU cannot run the '", path, "' path");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.is_contiguous(),
+              "dense_gemv: weight must be a contiguous float32 (out_features, in_features) tensor");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == k && x.numel() == k,
+              "dense_gemv: input must be one float32 token of ", k, " features, got ", x.sizes());
+  const at::Tensor xc = x.contiguous();
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = n;
+  at::Tensor y = at::empty(sizes, x.options());
+  const float* w = weight.data_ptr<float>();
+  const float* xv = xc.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+#ifdef QAT_X86
+  if (path != "portable" && cpu_has("avx2")) {
+    at::parallel_for(0, (n + kGemvRows - 1) / kGemvRows, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * kGemvRows;
+        if (n0 + kGemvRows <= n) gemv_rows_avx2<kGemvRows>(w, xv, out, k, n0);
+        else
+          for (int64_t r = n0; r < n; ++r) gemv_rows_avx2<1>(w, xv, out, k, r);
+      }
+    });
+    return y;
+  }
+#endif
+  at::parallel_for(0, n, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t r = n0; r < n1; ++r) {
+      float sum = 0.f;
+      for (int64_t j = 0; j < k; ++j) sum += w[r * k + j] * xv[j];
+      out[r] = sum;
+    }
+  });
+  return y;
+}
+
 bool cpu_supports(const std::string& path) { return cpu_has(path); }
 
 }  // namespace
@@ -591,10 +694,12 @@ TORCH_LIBRARY(qat_kernels, m) {
         "str path, Tensor(a!) out) -> ()");
   m.def("packed_linear(Tensor x, Tensor packed, Tensor scale, int bits, int in_features, int group_size, "
         "str path) -> Tensor");
+  m.def("dense_gemv(Tensor x, Tensor weight, str path) -> Tensor");
   m.def("cpu_supports(str path) -> bool", &cpu_supports);
 }
 
 TORCH_LIBRARY_IMPL(qat_kernels, CPU, m) {
   m.impl("packed_linear_out", &packed_linear_out);
   m.impl("packed_linear", &packed_linear);
+  m.impl("dense_gemv", &dense_gemv);
 }

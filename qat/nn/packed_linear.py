@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.errors import ExportError
-from qat.kernels.packed_linear import packed_linear, unpack_codes
+from qat.kernels.packed_linear import dense_linear, packed_linear, unpack_codes
 from qat.nn.bitlinear import BitLinear
-from qat.pack.kernel_layout import (BINARY_BITS, TERNARY_BITS, pack_binary_1bit, pack_ternary_2bit,
-                                    ternary_2bit_from_hf)
+from qat.pack.hf_bitnet import unpack_ternary_hf
+from qat.pack.kernel_layout import BINARY_BITS, TERNARY_BITS, pack_binary_1bit, pack_ternary_2bit
 from qat.quant.registry import QUANTIZER_LEVELS
 from transformers.integrations.bitnet import BitLinear as HFBitLinear
 
@@ -76,13 +76,17 @@ class PackedLinear(nn.Module):
         """Repack an HF ``BitNetForCausalLM`` layer (``linear_class: bitlinear``, packed uint8 weights) exactly.
 
         HF divides by ``weight_scale`` (= 1 / absmean, notes §7); its activation quantizer is BitNet's absmax,
-        the same formula as ours, so the packed layer computes what the HF layer computes.
+        the same formula as ours, so the packed layer computes what the HF layer computes. HF stores every model
+        at 2 bits; a layer without zero codes (a binary BitNet, ``absmean_binary``) is repacked at 1 bit, which
+        holds the same codes in half the bytes and runs the binary kernels.
         """
         out_features, in_features = layer.out_features, layer.in_features
         scale = (1.0 / layer.weight_scale.detach().float()).reshape(1, 1).expand(out_features, 1).contiguous()
         bias = None if layer.bias is None else layer.bias.detach().clone()
-        return cls(in_features, out_features, TERNARY_BITS, ternary_2bit_from_hf(layer.weight), scale, in_features,
-                   "int8_per_token", bias, copy.deepcopy(layer.rms_norm))
+        codes = unpack_ternary_hf(layer.weight, torch.int8)
+        bits = BINARY_BITS if codes.numel() and not (codes == 0).any() else TERNARY_BITS
+        return cls(in_features, out_features, bits, PACKERS[bits](codes), scale, in_features, "int8_per_token",
+                   bias, copy.deepcopy(layer.rms_norm))
 
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.packed, self.bits, self.in_features, self.out_features)
@@ -105,9 +109,25 @@ class PackedLinear(nn.Module):
                 f"groups={self.scale.shape[1]}, activation={self.activation}, bias={self.bias is not None}")
 
 
+class DenseLinear(nn.Linear):
+    """A full-precision ``nn.Linear`` of a packed model (``keep_full_precision``, e.g. ``lm_head``) whose one-token
+    fp32 forward runs qat's GEMV kernel (:func:`qat.kernels.packed_linear.dense_linear`); same parameters."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "DenseLinear":
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight, layer.bias = linear.weight, linear.bias   # the same Parameters: tied embeddings stay tied
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_linear(x, self.weight, self.bias)
+
+
 def pack_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every ``BitLinear`` (qat's, or HF's packed BitNet layer) of ``model`` (a copy unless ``inplace``)
-    by its ``PackedLinear``.
+    by its ``PackedLinear``, and every remaining plain ``nn.Linear`` by a ``DenseLinear`` over the same weights.
 
     Raises:
         ExportError: the model has no quantized layer, or one whose quantizer cannot be packed.
@@ -121,4 +141,7 @@ def pack_model(model: nn.Module, inplace: bool = False) -> nn.Module:
         packed = (PackedLinear.from_bitlinear(layer) if isinstance(layer, BitLinear)
                   else PackedLinear.from_hf_bitlinear(layer))
         packed_model.set_submodule(name, packed)
+    for name, module in list(packed_model.named_modules()):
+        if type(module) is nn.Linear:
+            packed_model.set_submodule(name, DenseLinear.from_linear(module))
     return packed_model.eval()

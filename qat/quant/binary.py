@@ -1,5 +1,10 @@
-"""Binary (1-bit) weights: ``sign`` with an identity straight-through gradient, and the scale math of FBI-LLM and
-OneBit as pure functions (the learnable scales are arguments; the layers in ``qat.nn.fbi_linear`` own them).
+"""Binary (1-bit) weights: ``sign`` with an identity straight-through gradient, BitNet's binary weight quantizer,
+and the scale math of FBI-LLM and OneBit as pure functions (the learnable scales are arguments; the layers in
+``qat.nn.fbi_linear`` own them).
+
+- BitNet (arXiv 2310.11453; unilm FAQ code ``sign(w - mean) * mean|w|``): codes ``sign(W - mean(W))`` and a fixed
+  scale ``mean|W|`` per tensor/row/group, with int8 activations in ``BitLinear``: the W1A8 model that the binary
+  packed kernels run.
 
 - FBI-LLM (arXiv 2407.07093; ``qat/learnable_binarizer.py::BinaryLinearWscales``): ``W_b = alpha ⊙ sign(W) + beta``
   with column-wise alpha, beta (one per input feature, broadcast over output rows); init ``beta = mean_rows(W)``,
@@ -12,11 +17,21 @@ OneBit as pure functions (the learnable scales are arguments; the layers in ``qa
 import torch
 
 from qat.quant.ste import straight_through
+from qat.quant.ternary import SCALE_EPS, Granularity, grouped
 
 
 def binary_sign(w: torch.Tensor) -> torch.Tensor:
     """Codes in {-1, +1} (dtype of ``w``); ``sign(0) = +1`` so every weight is exactly one bit."""
     return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+
+
+def absmean_binary(w: torch.Tensor, granularity: Granularity = "tensor", group_size: int = 128
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet binary weights: codes ``sign(W - mean(W))`` in {-1, +1} (dtype of ``w``) and scale ``mean|W|``
+    (clamped at 1e-5), both per tensor/row/group (shapes as in :mod:`qat.quant.ternary`)."""
+    groups = grouped(w, granularity, group_size)
+    codes = binary_sign(groups - groups.mean(dim=-1, keepdim=True))
+    return codes.reshape(w.shape), groups.abs().mean(dim=-1, keepdim=True).clamp(min=SCALE_EPS)
 
 
 def sign_ste(w: torch.Tensor) -> torch.Tensor:

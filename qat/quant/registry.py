@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from qat.errors import RecipeError
+from qat.quant.binary import absmean_binary
 from qat.quant.ternary import absmean_ternary, absmedian_ternary
 
 WeightQuantizer = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -16,12 +17,14 @@ WeightQuantizer = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {
     "absmean_ternary": absmean_ternary,
     "absmedian_ternary": absmedian_ternary,
+    "absmean_binary": absmean_binary,
 }
 
 # Codes each quantizer can produce; export formats check this (ternary packers need {-1, 0, 1}).
 QUANTIZER_LEVELS: dict[str, tuple[int, ...]] = {
     "absmean_ternary": (-1, 0, 1),
     "absmedian_ternary": (-1, 0, 1),
+    "absmean_binary": (-1, 1),
 }
 
 

@@ -19,7 +19,7 @@ Granularity = Literal["tensor", "row", "group"]
 SCALE_EPS = 1e-5
 
 
-def _grouped(w: torch.Tensor, granularity: Granularity, group_size: int) -> torch.Tensor:
+def grouped(w: torch.Tensor, granularity: Granularity, group_size: int) -> torch.Tensor:
     """View ``w`` so that the last dim is the set of weights sharing one scale."""
     if granularity == "tensor":
         return w.reshape(1, -1)
@@ -34,9 +34,9 @@ def _grouped(w: torch.Tensor, granularity: Granularity, group_size: int) -> torc
 
 def _ternary_codes(w: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor],
                    granularity: Granularity, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    grouped = _grouped(w, granularity, group_size)
-    scale = reduce(grouped.abs()).clamp(min=SCALE_EPS)
-    codes = (grouped / scale).round().clamp(-1, 1)
+    groups = grouped(w, granularity, group_size)
+    scale = reduce(groups.abs()).clamp(min=SCALE_EPS)
+    codes = (groups / scale).round().clamp(-1, 1)
     return codes.reshape(w.shape), scale
 
 
@@ -55,4 +55,4 @@ def absmedian_ternary(w: torch.Tensor, granularity: Granularity = "tensor", grou
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, granularity: Granularity, group_size: int = 128
                ) -> torch.Tensor:
     """Inverse of the quantizers above: ``codes * scale`` in the shape of ``codes``."""
-    return (_grouped(codes, granularity, group_size) * scale).reshape(codes.shape)
+    return (grouped(codes, granularity, group_size) * scale).reshape(codes.shape)

@@ -81,3 +81,31 @@ def test_non_binary_checkpoint_is_refused_with_the_right_format(tmp_path):
         export_binary(trained, tmp_path / "x")
     with pytest.raises(ExportError, match="not a qat binary export"):
         load_binary_export(tmp_path)
+
+
+def test_bitnet_binary_exports_to_hf_and_runs_on_the_1bit_kernels(tmp_path):
+    """absmean_binary (W1A8 BitNet): the HF BitNet export (2-bit container) reloads in transformers with the QAT
+    model's logits, and pack_model repacks every layer at 1 bit with the same logits and greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from qat.export.hf_bitnet import export_hf_bitnet
+    from qat.nn.packed_linear import PackedLinear, pack_model
+
+    torch.manual_seed(0)
+    arch = ArchConfig(family="bitnet", vocab_size=280, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4)
+    quant = QuantConfig(weight="absmean_binary")
+    model = convert_to_qat(build_model(arch), quant).eval()
+    trained = TrainedModel(model=model, arch=arch, quant=quant, tokenizer_files=_tokenizer_files(tmp_path))
+    out = export_hf_bitnet(trained, tmp_path / "hf", dtype="float32")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    packed = pack_model(reloaded)
+    layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == 14 and all(m.bits == 1 for m in layers)
+    ids = torch.randint(0, 280, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, ref, rtol=1e-4, atol=2e-3)
+        torch.testing.assert_close(packed(input_ids=ids).logits, ref, rtol=1e-4, atol=2e-3)
+        kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(packed.generate(ids, **kwargs), model.generate(ids, **kwargs))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qat.kernels.packed_linear import (CPU_PATHS, KernelPathError, packed_linear, packed_linear_torch, path_support,
-                                       selected_path)
+from qat.kernels.packed_linear import (CPU_PATHS, KernelPathError, dense_linear, packed_linear, packed_linear_torch,
+                                       path_support, selected_path)
 from tests.references.packed_linear_reference import PACKERS, assert_matches_reference, random_problem
 
 pytestmark = pytest.mark.kernels
@@ -94,3 +94,19 @@ def test_native_op_rejects_wrong_in_features():
         pytest.skip(path_support("portable")[1])
     with pytest.raises(RuntimeError, match="layer expects 301"):
         packed_linear(x, packed, scale, 2, 301, 301)
+
+
+@pytest.mark.parametrize("rows,k", [(1, 1), (7, 33), (33, 1000), (130, 1536)])
+def test_dense_gemv_matches_float64_reference(forced_path, rows, k):
+    """The full-precision head's one-token GEMV (every path) against float64: within fp32 accumulation error, far
+    below what one missed or doubled product (~1/k of the sum of |w x|) would add."""
+    gen = torch.Generator().manual_seed(rows * k)
+    weight, bias = torch.randn(rows, k, generator=gen), torch.randn(rows, generator=gen)
+    x = torch.randn(1, 1, k, generator=gen)
+    y = dense_linear(x, weight, bias)
+    assert y.shape == (1, 1, rows) and y.dtype == torch.float32
+    ref = x.double() @ weight.double().T + bias.double()
+    magnitude = x.double().abs() @ weight.double().abs().T + bias.double().abs()
+    assert ((y.double() - ref).abs() <= 1e-5 * magnitude).all()
+    batch = torch.randn(3, k, generator=gen)                    # more than one token: F.linear, bit for bit
+    assert torch.equal(dense_linear(batch, weight, bias), torch.nn.functional.linear(batch, weight, bias))

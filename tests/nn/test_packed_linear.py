@@ -8,26 +8,10 @@ from qat.errors import ExportError
 from qat.nn.bitlinear import BitLinear
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
-from qat.nn.packed_linear import PackedLinear, pack_model
+from qat.nn.packed_linear import DenseLinear, PackedLinear, pack_model
 from qat.quant import registry
 
 pytestmark = pytest.mark.kernels
-
-
-def sign_binary(w, granularity="tensor", group_size=128):
-    """A binary quantizer for the test (FBI-LLM style sign with absmean scale), registered only here."""
-    from qat.quant.ternary import _grouped
-    grouped = _grouped(w, granularity, group_size)
-    scale = grouped.abs().mean(dim=-1, keepdim=True).clamp(min=1e-5)
-    codes = torch.where(grouped >= 0, 1.0, -1.0).to(w.dtype)
-    return codes.reshape(w.shape), scale
-
-
-@pytest.fixture
-def binary_quantizer(monkeypatch):
-    monkeypatch.setitem(registry.WEIGHT_QUANTIZERS, "test_sign_binary", sign_binary)
-    monkeypatch.setitem(registry.QUANTIZER_LEVELS, "test_sign_binary", (-1, 1))
-    return "test_sign_binary"
 
 
 @pytest.mark.parametrize("weight,granularity,group_size,bias,activation", [
@@ -36,15 +20,17 @@ def binary_quantizer(monkeypatch):
     ("absmedian_ternary", "group", 256, False, "int8_per_token"),
     ("absmean_ternary", "group", 128, False, "int8_per_token"),   # groups off the kernel block: torch fallback
     ("absmean_ternary", "row", 128, False, "none"),
-    ("binary", "row", 128, True, "int8_per_token"),
+    ("absmean_binary", "tensor", 128, False, "int8_per_token"),
+    ("absmean_binary", "row", 128, True, "int8_per_token"),
+    ("absmean_binary", "group", 512, False, "int8_per_token"),   # groups on the binary kernel block
 ])
-def test_packed_layer_equals_bitlinear(weight, granularity, group_size, bias, activation, binary_quantizer):
+def test_packed_layer_equals_bitlinear(weight, granularity, group_size, bias, activation):
     torch.manual_seed(0)
-    quant = QuantConfig(weight=binary_quantizer if weight == "binary" else weight, granularity=granularity,
-                        group_size=group_size, activation=activation)
-    layer = BitLinear.from_linear(nn.Linear(512, 77, bias=bias), quant)
+    quant = QuantConfig(weight=weight, granularity=granularity, group_size=group_size, activation=activation)
+    layer = BitLinear.from_linear(nn.Linear(1024, 77, bias=bias), quant)
     packed = PackedLinear.from_bitlinear(layer)
-    x = torch.randn(2, 5, 512)
+    assert packed.bits == (1 if weight.endswith("binary") else 2)
+    x = torch.randn(2, 5, 1024)
     with torch.no_grad():
         torch.testing.assert_close(packed(x), layer(x), rtol=1e-5, atol=1e-5)
     codes, _ = layer.quantized_weight()
@@ -61,18 +47,29 @@ def test_unpackable_quantizer_is_a_clear_error(monkeypatch):
         pack_model(nn.Sequential(nn.Linear(4, 4)))
 
 
-@pytest.mark.parametrize("norm_placement,family", [("subln", "bitnet"), ("inlayer", "llama")])
-def test_packed_model_logits_and_greedy_tokens_equal_qat_model(norm_placement, family):
+@pytest.mark.parametrize("norm_placement,family,weight", [("subln", "bitnet", "absmean_ternary"),
+                                                          ("inlayer", "llama", "absmean_ternary"),
+                                                          ("subln", "bitnet", "absmean_binary")])
+def test_packed_model_logits_and_greedy_tokens_equal_qat_model(norm_placement, family, weight):
     torch.manual_seed(0)
     arch = ArchConfig(family=family, vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4)
-    qat_model = convert_to_qat(build_model(arch), QuantConfig(norm_placement=norm_placement)).eval()
+    qat_model = convert_to_qat(build_model(arch), QuantConfig(weight=weight, norm_placement=norm_placement)).eval()
     packed_model = pack_model(qat_model)
     assert not any(isinstance(m, BitLinear) for m in packed_model.modules())
     assert sum(isinstance(m, PackedLinear) for m in packed_model.modules()) == 2 * 7
+    assert isinstance(packed_model.lm_head, DenseLinear)        # the fp32 head on qat's one-token GEMV
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, got = qat_model(ids).logits, packed_model(ids).logits
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
         assert torch.equal(packed_model.generate(ids, **kwargs), qat_model.generate(ids, **kwargs))
+
+
+def test_dense_head_keeps_tied_embeddings_tied():
+    arch = ArchConfig(family="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    packed_model = pack_model(convert_to_qat(build_model(arch), QuantConfig()))
+    assert isinstance(packed_model.lm_head, DenseLinear)
+    assert packed_model.lm_head.weight is packed_model.model.embed_tokens.weight

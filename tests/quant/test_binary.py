@@ -77,3 +77,27 @@ def test_binary_linear_forward_and_gradients_match_float64_reference(kind):
     np.testing.assert_allclose(tp.grad.numpy(), grads_ref["p"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(tq.grad.numpy(), grads_ref["q"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(tx.grad.numpy(), gy @ wb, rtol=1e-12, atol=1e-12)
+
+
+def _bitnet_binary_ref(w: np.ndarray) -> tuple[np.ndarray, float]:
+    """BitNet (arXiv 2310.11453, unilm FAQ ``sign(w - mean) * mean|w|``) in float64: codes, scale of one group."""
+    w = w.astype(np.float64)
+    return np.where(w - w.mean() >= 0, 1.0, -1.0), max(float(np.abs(w).mean()), 1e-5)
+
+
+@pytest.mark.parametrize("granularity,group_size", [("tensor", 128), ("row", 128), ("group", 32)])
+def test_absmean_binary_matches_float64_formula(granularity, group_size):
+    from qat.quant import get_weight_quantizer
+
+    w = torch.randn(9, 96, generator=torch.Generator().manual_seed(5)) * 0.03 + 0.01
+    codes, scale = get_weight_quantizer("absmean_binary")(w, granularity, group_size)
+    spans = {"tensor": [(slice(None), slice(None))],
+             "row": [(r, slice(None)) for r in range(9)],
+             "group": [(r, slice(g, g + group_size)) for r in range(9) for g in range(0, 96, group_size)]}[granularity]
+    flat_scales = scale.reshape(-1)
+    assert flat_scales.numel() == len(spans)
+    for i, span in enumerate(spans):
+        ref_codes, ref_scale = _bitnet_binary_ref(w[span].numpy())
+        np.testing.assert_array_equal(codes[span].numpy(), ref_codes)
+        assert flat_scales[i].item() == pytest.approx(ref_scale, rel=1e-6)
+    assert set(codes.unique().tolist()) == {-1.0, 1.0}
