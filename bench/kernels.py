@@ -152,7 +152,7 @@ def kernel_table(reps: int, llc: int, read_gbps: float) -> None:
 def head_table(reps: int, read_gbps: float) -> None:
     """The fp32 head a packed model keeps (vocab x hidden), one token: torch's GEMV vs qat's (``dense_linear``)."""
     print("\nFull-precision lm_head, one token, fp32 weights streamed from memory:")
-    print("| vocab x hidden | torch F.linear ms | qat dense_gemv ms | speed-up | torch GB/s | qat GB/s (% of read BW) |")
+    print("| vocab x hidden | torch F.linear ms | qat dense_gemv ms | speed-up | torch GB/s | qat GB/s (% of BW) |")
     print("|---|---|---|---|---|---|")
     for n, k in HEAD_SHAPES:
         weights = [torch.randn(n, k) for _ in range(2)]      # each far larger than the cache
