@@ -46,6 +46,12 @@ constexpr int64_t kBlockBytes = 64;
 constexpr int64_t kTokenTile = 4;        // tokens that share one unpacked weight block (registers)
 constexpr int64_t kIntMmMinTokens = 32;  // from this batch on, unpack to int8 and use at::_int_mm
 constexpr int64_t kBinaryTile = 32;      // rows per binary tile
+constexpr int64_t kLutMaxTokens = 8;     // binary: up to this batch every token by table lookup, above 4-token tiles
+
+// Binary SIMD paths: first token run by table lookup (earlier ones go through unpacked 4-token tiles).
+inline int64_t first_lut_token(int64_t tokens) {
+  return tokens <= kLutMaxTokens ? 0 : tokens - tokens % kTokenTile;
+}
 constexpr int64_t kLutBytes = 32;        // per 4-column group: 16 low bytes, then 16 high bytes of int16 sums
 
 // Tile position of row r of a binary tile (inverse of BINARY_TILE_ROWS in kernel_layout.py).
@@ -387,7 +393,6 @@ __attribute__((target("avx2,fma"))) void build_binary_luts_avx2(const int8_t* x,
 // widening to int32.
 constexpr int64_t kLutChunk = 32;
 constexpr int64_t kBinaryPrefetchBytes = 4096;
-constexpr int64_t kLutMaxTokens = 8;   // up to this batch, every token by table lookup; above, 4-token unpacked tiles
 
 // One 16-byte table in both 128-bit lanes (vpshufb looks up within each lane).
 __attribute__((target("avx2,fma"), always_inline)) inline __m256i broadcast_table(const uint8_t* table) {
@@ -446,11 +451,6 @@ __attribute__((target("avx2,fma"))) void lut_tile_avx2(const Problem& p, const u
       for (int64_t g = 0; g < p.groups; ++g) row_dots[g] = dots[t][g][r];
       finish_row(p, tile * kBinaryTile + r, t0 + t, row_dots);
     }
-}
-
-// First token run by table lookup (earlier ones go through unpacked 4-token tiles).
-inline int64_t first_lut_token(int64_t tokens) {
-  return tokens <= kLutMaxTokens ? 0 : tokens - tokens % kTokenTile;
 }
 
 // Binary tiles [tile0, tile1). `luts` holds the tables of the tokens from first_lut_token on.
@@ -568,7 +568,9 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
     out.view({tokens, rows}).copy_(acc.to(at::kFloat).mul_(w_scale.reshape({1, rows})).div_(xs));
     return;
   }
-  const std::vector<int32_t> xsums = group_xsums(p);
+  // Sums of x per group turn unsigned sums into signed dots; the table lookup yields signed dots directly.
+  const bool lut_only = binary && path != "portable" && first_lut_token(tokens) == 0;
+  const std::vector<int32_t> xsums = lut_only ? std::vector<int32_t>() : group_xsums(p);
   const int32_t* xs = xsums.data();
   std::vector<uint8_t> luts;   // binary table lookup: tables of the tokens from first_lut_token on
 #ifdef QAT_X86
