@@ -13,7 +13,7 @@ import torch
 
 from qat.data.datamodule import TextDataModule
 from qat.eval.perplexity import heldout_metrics, logits_agreement
-from qat.export.checkpoint import load_trained_model
+from qat.checkpoint.trained import load_trained_model
 from qat.teachers import TeacherConfig, load_teacher
 
 

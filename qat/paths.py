@@ -13,11 +13,6 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def runs_dir() -> Path:
-    """``$QAT_RUNS_DIR`` (default ``./runs``): one folder per training run."""
-    return Path(os.environ.get("QAT_RUNS_DIR") or Path.cwd() / "runs")
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so a crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
@@ -28,3 +23,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def plain_file_name(name: str, what: str = "file name") -> str:
+    """``name`` if it is a plain file name (no directory part, not ``.``/``..``, no control characters).
+
+    Names read from a file (tokenizer files stored in a checkpoint, tensors in a manifest) are untrusted: joined to a
+    folder unchecked, ``../x`` or ``/etc/x`` would write outside it.
+
+    Raises:
+        ValueError: naming the offending value.
+    """
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or any(ord(c) < 32 or ord(c) == 127 for c in name) or Path(name).name != name):
+        raise ValueError(f"unsafe {what} {name!r}: only plain file names (no folders, '..' or control characters) "
+                         "are accepted")
+    return name

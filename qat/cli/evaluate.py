@@ -10,7 +10,7 @@ import torch
 from qat.data.datamodule import TextDataModule
 from qat.errors import CheckpointError
 from qat.eval.perplexity import heldout_metrics, logits_agreement, unigram_perplexity
-from qat.export.checkpoint import load_trained_model
+from qat.checkpoint.trained import load_trained_model
 from qat.export.hf_bitnet import EXPORT_MANIFEST, linear_bits_per_weight
 from qat.export.model_card import render_model_card
 

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from qat.errors import ExportError
-from qat.export.checkpoint import load_trained_model
+from qat.checkpoint.trained import load_trained_model
 from qat.export.hf_bitnet import export_hf_bitnet, linear_bits_per_weight, write_export_folder
 from qat.export.model_card import render_model_card
 

@@ -15,8 +15,8 @@ from lightning.pytorch.cli import LightningCLI
 from qat.cluster.requeue import add_slurm_requeue
 from qat.data.datamodule import TextDataModule
 from qat.errors import CheckpointError
-from qat.export.deepspeed_checkpoint import check_deepspeed_checkpoint
-from qat.train.checkpoint_io import AtomicCheckpointIO, SaveLastOnTrainEnd, load_checkpoint_file
+from qat.checkpoint.deepspeed import check_deepspeed_checkpoint
+from qat.checkpoint.io import AtomicCheckpointIO, SaveLastOnTrainEnd, load_checkpoint_file
 from qat.train.module import QATLanguageModel
 from qat.train.precision import resolve_precision
 from qat.train.strategies import build_strategy

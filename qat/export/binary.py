@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from qat.errors import ExportError
-from qat.export.checkpoint import TrainedModel
+from qat.checkpoint.trained import TrainedModel
 from qat.export.hf_bitnet import WEIGHTS_FILE, write_export_folder
 from qat.nn.config import QuantConfig
 from qat.nn.fbi_linear import BINARY_LINEAR_LAYERS, binary_layers

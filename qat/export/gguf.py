@@ -157,7 +157,7 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, qtype: str = 
 
 def export_gguf_from_trained(trained, out_dir: str | Path, qtype: str, manifest: dict | None = None) -> Path:
     """``qat export --format gguf-<qtype>``: ``out_dir/model-<qtype>.gguf`` (+ the export manifest) from a
-    :class:`qat.export.checkpoint.TrainedModel`; returns ``out_dir``.
+    :class:`qat.checkpoint.trained.TrainedModel`; returns ``out_dir``.
 
     Raises:
         ExportError: a full-precision checkpoint, no tokenizer, or a model the TQ formats cannot hold.

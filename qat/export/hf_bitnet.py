@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qat.errors import ExportError
-from qat.export.checkpoint import TrainedModel
+from qat.checkpoint.trained import TrainedModel
 from qat.nn.bitlinear import BitLinear
 from qat.nn.convert import PRE_BLOCK_NORMS
 from qat.pack.hf_bitnet import pack_ternary_hf

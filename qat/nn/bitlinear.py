@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.nn.config import QuantConfig
-from qat.quant import absmax_int8_per_token, dequantize, get_weight_quantizer, straight_through
+from qat.nn.quantized import QuantizedLinear
+from qat.quant import absmax_int8_per_token, dequantize, straight_through
 
 
-class BitLinear(nn.Linear):
+class BitLinear(QuantizedLinear):
     """``nn.Linear`` whose forward uses ``codes * scale`` weights and, optionally, int8 per-token inputs.
 
     Example usage::
@@ -25,20 +26,10 @@ class BitLinear(nn.Linear):
                  norm_eps: float = 1e-5, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.quant = quant or QuantConfig()
-        self.weight_quantizer = get_weight_quantizer(self.quant.weight)
+        self.weight_quantizer = self.scheme.weight_fn
         # unilm FAQ variant: RMSNorm inside the layer, before activation quantization.
         self.rms_norm = (nn.RMSNorm(in_features, eps=norm_eps, device=device, dtype=dtype)
                            if self.quant.norm_placement == "inlayer" else None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, quant: QuantConfig, norm_eps: float = 1e-5) -> "BitLinear":
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, quant=quant,
-                    norm_eps=norm_eps, device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer codes (dtype of the weight) and scale of the current latent weight."""

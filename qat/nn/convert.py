@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from qat.errors import RecipeError
 from qat.nn.bitlinear import BitLinear
 from qat.nn.config import ArchConfig, QuantConfig
-from qat.nn.fbi_linear import BINARY_LINEAR_LAYERS, BinaryLinear
+from qat.nn.quantized import QuantizedLinear
+from qat.nn.schemes import get_scheme
 
 # Decoder-layer norms that the unilm FAQ removes because every BitLinear carries its own RMSNorm.
 PRE_BLOCK_NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -50,11 +51,9 @@ def keeps_full_precision(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(last, p) for p in patterns)
 
 
-def quantized_linear(linear: nn.Linear, quant: QuantConfig, norm_eps: float) -> nn.Linear:
-    """The quantized twin of ``linear``: a binary layer for ``fbi_binary``/``onebit``, else ``BitLinear``."""
-    if quant.weight in BINARY_LINEAR_LAYERS:
-        return BINARY_LINEAR_LAYERS[quant.weight].from_linear(linear, quant)
-    return BitLinear.from_linear(linear, quant, norm_eps=norm_eps)
+def quantized_linear(linear: nn.Linear, quant: QuantConfig, norm_eps: float) -> QuantizedLinear:
+    """The quantized twin of ``linear``: the layer class of the scheme ``quant.weight`` names."""
+    return get_scheme(quant.weight).layer_class.from_linear(linear, quant, norm_eps=norm_eps)
 
 
 def convert_to_qat(model: nn.Module, quant: QuantConfig) -> nn.Module:
@@ -70,7 +69,7 @@ def convert_to_qat(model: nn.Module, quant: QuantConfig) -> nn.Module:
     eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", 1e-5))
     replaced = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, (BitLinear, BinaryLinear)) or not isinstance(module, nn.Linear):
+        if isinstance(module, QuantizedLinear) or not isinstance(module, nn.Linear):
             continue
         if keeps_full_precision(name, quant.keep_full_precision):
             continue

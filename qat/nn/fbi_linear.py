@@ -11,11 +11,12 @@ from torch import nn
 
 from qat.errors import RecipeError
 from qat.nn.config import QuantConfig
+from qat.nn.quantized import QuantizedLinear
 from qat.quant.binary import (binary_sign, fbi_binary_weight, fbi_init_scales, onebit_init_scales,
                               onebit_weight)
 
 
-class BinaryLinear(nn.Linear):
+class BinaryLinear(QuantizedLinear):
     """Base of the 1-bit layers: ``y = x @ binary_weight().T + bias``; subclasses own the scales."""
 
     quant_name = ""  # the ``QuantConfig.weight`` that selects this class
@@ -23,7 +24,7 @@ class BinaryLinear(nn.Linear):
     scale_names: tuple[str, ...] = ()
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: QuantConfig | None = None,
-                 device=None, dtype=None):
+                 norm_eps: float = 1e-5, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.quant = quant or QuantConfig(weight=self.quant_name, activation="none")
         check_binary_quant(self.quant)
@@ -44,16 +45,12 @@ class BinaryLinear(nn.Linear):
     def binary_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, quant: QuantConfig) -> "BinaryLinear":
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, quant=quant,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.reset_scales()
-        return layer
+    def reset_quantization_state(self) -> None:
+        self.reset_scales()
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sign codes and the mean magnitude of the effective weight per output row."""
+        return self.sign_codes(), self.binary_weight().abs().mean(dim=-1, keepdim=True)
 
     def sign_codes(self) -> torch.Tensor:
         """The 1-bit codes in {-1, +1} (dtype of the weight)."""

@@ -152,7 +152,7 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
         folder = hf_folder_from_gguf(source)
         model, tokenizer_dir = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[cfg.dtype]), folder
     elif _is_qat_checkpoint(source):
-        from qat.export.checkpoint import load_trained_model
+        from qat.checkpoint.trained import load_trained_model
 
         try:
             trained = load_trained_model(str(source))

@@ -37,7 +37,7 @@ def test_cache_teacher_distill_export_through_the_cli(tmp_path, capsys):
 
     assert main(["export", str(ckpt), "--out_dir", str(tmp_path / "binary"), "--format", "binary"]) == 0
     from qat.export.binary import load_binary_export
-    from qat.export.checkpoint import load_trained_model
+    from qat.checkpoint.trained import load_trained_model
 
     reloaded, trained = load_binary_export(tmp_path / "binary"), load_trained_model(str(ckpt))
     ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))

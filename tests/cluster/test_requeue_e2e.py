@@ -11,7 +11,7 @@ import torch
 
 from qat.cluster.slurm import cancel, job_state
 from qat.cluster.submit import SlurmJob, submit_to_slurm
-from qat.export.deepspeed_checkpoint import load_training_checkpoint
+from qat.checkpoint.deepspeed import load_training_checkpoint
 from qat.pack.hf_bitnet import unpack_ternary_hf
 from qat.quant import absmean_ternary
 

@@ -6,7 +6,7 @@ from safetensors import safe_open
 
 from qat.errors import ExportError
 from qat.export.binary import export_binary, load_binary_export
-from qat.export.checkpoint import TrainedModel
+from qat.checkpoint.trained import TrainedModel
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
 

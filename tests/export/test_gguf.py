@@ -75,7 +75,7 @@ def test_rows_not_multiple_of_256_are_rejected_before_writing(tokenizer, tmp_pat
 
 def test_qat_export_cli_writes_gguf_of_a_trained_run(tiny_ternary_run, tmp_path):
     """The real path: a `qat fit` checkpoint -> `qat export --format gguf-tq1_0` -> gguf's reader."""
-    from qat.export.checkpoint import load_trained_model
+    from qat.checkpoint.trained import load_trained_model
     from tests.conftest import run_qat
 
     checkpoint = sorted(tiny_ternary_run.rglob("last*.ckpt")) or sorted(tiny_ternary_run.rglob("*.ckpt"))

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qat.export.checkpoint import load_trained_model
+from qat.checkpoint.trained import load_trained_model
 from qat.export.hf_bitnet import linear_bits_per_weight
-from qat.train.checkpoint_io import load_checkpoint_file
+from qat.checkpoint.io import load_checkpoint_file
 from qat.train.wandb_logger import offline_run_files, read_wandb_history
 from tests.conftest import TINY_FIT_ARGS, run_qat
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qat.errors import CheckpointError
-from qat.export.deepspeed_checkpoint import load_training_checkpoint
+from qat.checkpoint.deepspeed import load_training_checkpoint
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
 

@@ -84,7 +84,7 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist; pass a .ckpt file or DeepSpeed checkpoint folder "
                               "written by `qat fit` (e.g. runs/<name>/checkpoints/last.ckpt)")
     if path.is_file():
-        from qat.train.checkpoint_io import load_checkpoint_file
+        from qat.checkpoint.io import load_checkpoint_file
 
         return load_checkpoint_file(path)
     check_deepspeed_checkpoint(path)

@@ -1,6 +1,6 @@
 import torch
 
-from qat.train.checkpoint_io import AtomicCheckpointIO
+from qat.checkpoint.io import AtomicCheckpointIO
 
 
 def test_remove_checkpoint_removes_files_and_deepspeed_directories(tmp_path):
