@@ -84,6 +84,7 @@ def test_non_binary_checkpoint_is_refused_with_the_right_format(tmp_path):
         load_binary_export(tmp_path)
 
 
+@pytest.mark.slow
 def test_bitnet_binary_exports_to_hf_and_runs_on_the_1bit_kernels(tmp_path):
     """absmean_binary (W1A8 BitNet): the HF BitNet export (2-bit container) reloads in transformers with the QAT
     model's logits, and pack_model repacks every layer at 1 bit with the same logits and greedy tokens."""
