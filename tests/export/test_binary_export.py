@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from qat.checkpoint.trained import TrainedModel
 from qat.errors import ExportError
 from qat.export.binary import export_binary, load_binary_export
-from qat.checkpoint.trained import TrainedModel
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
 
@@ -33,7 +33,8 @@ def _trained(weight: str, tied: bool, tmp_path) -> TrainedModel:
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
-    return TrainedModel(model=model.eval(), arch=arch, quant=quant, tokenizer_files=_tokenizer_files(tmp_path), global_step=3)
+    return TrainedModel(model=model.eval(), arch=arch, quant=quant, tokenizer_files=_tokenizer_files(tmp_path),
+                        global_step=3)
 
 
 @pytest.mark.parametrize("weight,tied", [("fbi_binary", True), ("onebit", False)])

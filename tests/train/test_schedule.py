@@ -35,7 +35,8 @@ def _optimizer(weight_decay: float) -> torch.optim.AdamW:
                               {"params": [gain], "weight_decay": 0.0, "decay": False}], lr=123.0)
 
 
-def _run(cfg: OptimConfig, steps: int = TOTAL, scheduler=None, optimizer=None) -> list[tuple[float, float, float, float]]:
+def _run(cfg: OptimConfig, steps: int = TOTAL, scheduler=None, optimizer=None
+         ) -> list[tuple[float, float, float, float]]:
     """(lr of both groups, weight decay of both groups) in effect at each optimizer step."""
     optimizer = optimizer or _optimizer(cfg.weight_decay)
     scheduler = scheduler or ScheduledLRAndWeightDecay(optimizer, TOTAL, cfg)
