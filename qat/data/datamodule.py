@@ -160,8 +160,12 @@ class TextDataModule(L.LightningDataModule):
         samples_per_step = self.hparams.batch_size * world * accumulate
         usable = len(self.datasets["train"]) - len(self.datasets["train"]) % world
         batches_per_epoch = usable // world // self.hparams.batch_size   # per rank, drop_last
-        # Lightning also steps the optimizer on an epoch's last batch when fewer than `accumulate` are left.
-        steps_per_epoch = -(-batches_per_epoch // accumulate)
+        # Lightning also steps the optimizer on an epoch's last batch when fewer than `accumulate` are left, unless
+        # the strategy accumulates itself (DeepSpeed).
+        if getattr(getattr(self.trainer, "strategy", None), "handles_gradient_accumulation", False):
+            steps_per_epoch = batches_per_epoch // accumulate
+        else:
+            steps_per_epoch = -(-batches_per_epoch // accumulate)
         if self.resume_global_step and steps_per_epoch:
             epoch, step_in_epoch = divmod(self.resume_global_step, steps_per_epoch)
             sampler.resume_at(epoch, step_in_epoch * samples_per_step)

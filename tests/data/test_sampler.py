@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from qat.data.datamodule import TextDataModule
 from qat.data.sampler import ResumableShuffleSampler
@@ -32,11 +33,12 @@ def datamodule(tmp_path_factory):
 
 
 def _epochs(dm: TextDataModule, rank: int, world: int, resume_step: int = 0, accumulate: int = 1,
-            steps_per_epoch: int = 0) -> tuple[list[list[int]], int]:
+            steps_per_epoch: int = 0, deepspeed: bool = False) -> tuple[list[list[int]], int]:
     """The block indices of every batch one rank sees until the end of epoch EPOCHS - 1, iterated the way
     Lightning's fit loop does (``set_epoch`` at every epoch start); and the loader's length before the first one."""
-    # The datamodule reads only the rank, world size and accumulation from its trainer.
-    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, accumulate_grad_batches=accumulate)
+    # The datamodule reads only the rank, world size, accumulation and strategy kind from its trainer.
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, accumulate_grad_batches=accumulate,
+                                 strategy=SimpleNamespace(handles_gradient_accumulation=deepspeed))
     dm.load_state_dict({"global_step": resume_step})
     loader = dm.train_dataloader()
     first_epoch = resume_step // steps_per_epoch if steps_per_epoch else 0
@@ -49,19 +51,24 @@ def _epochs(dm: TextDataModule, rank: int, world: int, resume_step: int = 0, acc
     return batches, first_len
 
 
-@pytest.mark.parametrize("world,accumulate,resume_steps", [(1, 1, (7, 11, 13)), (1, 2, (2, 6, 8)),
-                                                          (2, 1, (3, 5, 7))])
-def test_resumed_run_continues_the_uninterrupted_order(datamodule, world, accumulate, resume_steps):
+@pytest.mark.parametrize("world,accumulate,deepspeed,resume_steps", [
+    (1, 1, False, (7, 11, 13)), (1, 2, False, (2, 6, 8)), (1, 2, True, (2, 5, 7)), (2, 1, False, (3, 5, 7))])
+def test_resumed_run_continues_the_uninterrupted_order(datamodule, world, accumulate, deepspeed, resume_steps):
     batches_per_epoch = (NUM_BLOCKS - NUM_BLOCKS % world) // world // BATCH   # per rank (drop_last)
-    # Lightning steps the optimizer every `accumulate` batches and on the last batch of an epoch.
-    steps_per_epoch = -(-batches_per_epoch // accumulate)
+    # Lightning steps the optimizer every `accumulate` batches of an epoch and on its last batch, except under
+    # a strategy that accumulates itself (DeepSpeed), where the tail batch only accumulates.
+    assert DeepSpeedStrategy.handles_gradient_accumulation.fget(None) is True
+    if deepspeed:
+        steps_per_epoch = batches_per_epoch // accumulate
+    else:
+        steps_per_epoch = -(-batches_per_epoch // accumulate)
     full = {rank: _epochs(datamodule, rank, world)[0] for rank in range(world)}
     assert all(len(b) == EPOCHS * batches_per_epoch for b in full.values())
     for step in resume_steps:
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         next_batch = epoch * batches_per_epoch + step_in_epoch * accumulate
         for rank in range(world):
-            resumed, first_len = _epochs(datamodule, rank, world, step, accumulate, steps_per_epoch)
+            resumed, first_len = _epochs(datamodule, rank, world, step, accumulate, steps_per_epoch, deepspeed)
             assert resumed == full[rank][next_batch:], (step, rank)
             # Lightning ends the resumed epoch after len(loader) batches: the rest of the interrupted epoch.
             assert first_len == batches_per_epoch - step_in_epoch * accumulate, (step, rank)
