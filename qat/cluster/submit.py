@@ -24,8 +24,9 @@ import yaml
 import qat
 from qat.cluster.slurm import Partition, partitions, submit_batch_script
 from qat.errors import ClusterError, RecipeError
+from qat.resources import shipped_path
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "cluster" / "sbatch.template"
+TEMPLATE = shipped_path("cluster", "sbatch.template")
 _PLACEHOLDER = re.compile(r"\{\{ (\w+) \}\}")
 _TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<h>\d{1,2}):(?P<m>\d{2}):(?P<s>\d{2})$")
 

@@ -158,7 +158,14 @@ class TextDataModule(L.LightningDataModule):
         sampler = ResumableShuffleSampler(len(self.datasets["train"]), self.hparams.seed, True, rank, world)
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         samples_per_step = self.hparams.batch_size * world * accumulate
-        steps_per_epoch = (len(self.datasets["train"]) - len(self.datasets["train"]) % world) // samples_per_step
+        usable = len(self.datasets["train"]) - len(self.datasets["train"]) % world
+        batches_per_epoch = usable // world // self.hparams.batch_size   # per rank, drop_last
+        # Lightning also steps the optimizer on an epoch's last batch when fewer than `accumulate` are left, unless
+        # the strategy accumulates itself (DeepSpeed).
+        if getattr(getattr(self.trainer, "strategy", None), "handles_gradient_accumulation", False):
+            steps_per_epoch = batches_per_epoch // accumulate
+        else:
+            steps_per_epoch = -(-batches_per_epoch // accumulate)
         if self.resume_global_step and steps_per_epoch:
             epoch, step_in_epoch = divmod(self.resume_global_step, steps_per_epoch)
             sampler.resume_at(epoch, step_in_epoch * samples_per_step)

@@ -1,4 +1,4 @@
-"""Build (first use) and load the C++ packed-kernel extension from ``kernels/cpu/``.
+"""Build (first use) and load the C++ packed-kernel extension from ``kernels/cpu/`` (see :mod:`qat.resources`).
 
 Built with ``torch.utils.cpp_extension.load`` (ninja) into ``qat.paths.cache_dir('torch_extensions')``; later
 loads reuse the build (ninja rebuilds only when the source changes). The extension registers its ops with
@@ -8,12 +8,12 @@ loads reuse the build (ninja rebuilds only when the source changes). The extensi
 import functools
 import sys
 import time
-from pathlib import Path
 
 from qat.errors import QATError
 from qat.paths import cache_dir
+from qat.resources import shipped_path
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels"
+SOURCE_DIR = shipped_path("kernels")
 CPU_SOURCE = SOURCE_DIR / "cpu" / "packed_linear.cpp"
 EXTENSION_NAME = "qat_packed_cpu"
 
@@ -28,7 +28,8 @@ def load_cpu_extension() -> None:
     import torch.utils.cpp_extension as cpp_extension
 
     if not CPU_SOURCE.exists():
-        raise KernelBuildError(f"kernel source {CPU_SOURCE} is missing; run qat from a full source checkout")
+        raise KernelBuildError(f"kernel source {CPU_SOURCE} is missing; reinstall qat (`pip install .` from a full "
+                               "source checkout) or set QAT_KERNEL_PATH=torch")
     build_dir = cache_dir("torch_extensions", EXTENSION_NAME)
     fresh = not any(build_dir.glob("*.so"))
     if fresh:

@@ -1,7 +1,8 @@
 """Triton path of ``packed_linear`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
 
-The kernel source lives in ``kernels/triton/packed_linear.py``. ``triton.jit`` decides at decoration time
-whether a kernel is interpreted, so the module is loaded once per value of ``TRITON_INTERPRET``.
+The kernel source lives in ``kernels/triton/packed_linear.py`` (located by :mod:`qat.resources`). ``triton.jit``
+decides at decoration time whether a kernel is interpreted, so the module is loaded once per value of
+``TRITON_INTERPRET``.
 """
 
 import functools

@@ -67,6 +67,7 @@ print(json.dumps({"ptx": compiled.asm["ptx"], "cubin_bytes": len(compiled.asm["c
 """
 
 
+@pytest.mark.slow   # a full Triton compile per case (~10 s)
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("bits", [2, 1])
 def test_kernel_compiles_for_gpu_with_int8_tensor_cores(capability, bits, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from tests.conftest import REPO, run_qat
@@ -9,6 +10,7 @@ from tests.conftest import REPO, run_qat
 RECIPE = str(REPO / "recipes" / "bitnet-b1-binary-tiny.yaml")
 
 
+@pytest.mark.slow
 def test_binary_recipe_runs_the_whole_pipeline_on_1bit_kernels(tmp_path):
     from transformers import AutoModelForCausalLM
 
