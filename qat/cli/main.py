@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import traceback
+import typing
 
 from qat.errors import QATError
 
@@ -55,6 +56,24 @@ DEBUG_FLAG = "--debug"
 # Failures a user causes with a bad file or path they named; shown as one line (exit 2) like a QATError.
 USER_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError,
                     json.JSONDecodeError)
+
+
+# Values jsonargparse reads as a boolean (case-insensitive).
+BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}
+
+
+def _bool_flags_without_value(args: list[str], function) -> list[str]:
+    """``--dry_run`` alone means ``--dry_run=true``: jsonargparse wants a value after a bool option; a value that
+    follows (``--dry_run false``) is kept."""
+    hints = typing.get_type_hints(function)
+    flags = {f"--{name}" for name, kind in hints.items() if kind in (bool, typing.Optional[bool])}
+    out = []
+    for i, arg in enumerate(args):
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg in flags and (following is None or following.lower() not in BOOL_WORDS):
+            arg += "=true"
+        out.append(arg)
+    return out
 
 
 def usage() -> str:
@@ -137,9 +156,10 @@ def _run_verb(verb: str, rest: list[str]) -> int:
         return 2
     from jsonargparse import auto_cli
 
-    module, function = COMMANDS[verb].split(":")
-    auto_cli(getattr(importlib.import_module(module), function), args=[_option_name_with_underscores(a) for a in rest],
-             as_positional=True)
+    module, name = COMMANDS[verb].split(":")
+    function = getattr(importlib.import_module(module), name)
+    args = _bool_flags_without_value([_option_name_with_underscores(a) for a in rest], function)
+    auto_cli(function, args=args, as_positional=True)
     return 0
 
 
