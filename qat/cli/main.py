@@ -56,8 +56,6 @@ DEBUG_FLAG = "--debug"
 # Failures a user causes with a bad file or path they named; shown as one line (exit 2) like a QATError.
 USER_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError,
                     json.JSONDecodeError)
-
-
 # Values jsonargparse reads as a boolean (case-insensitive).
 BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}
 
