@@ -2,8 +2,11 @@
 a typed function whose signature and docstring jsonargparse turns into flags and ``--help``."""
 
 import importlib
+import json
 import os
 import sys
+import traceback
+import typing
 
 from qat.errors import QATError
 
@@ -49,47 +52,113 @@ def _option_name_with_underscores(arg: str) -> str:
     return "--" + name[2:].replace("-", "_") + sep + value
 
 
+DEBUG_FLAG = "--debug"
+# Failures a user causes with a bad file or path they named; shown as one line (exit 2) like a QATError.
+USER_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError,
+                    json.JSONDecodeError)
+# Values jsonargparse reads as a boolean (case-insensitive).
+BOOL_WORDS = {"true", "false", "yes", "no", "on", "off"}
+
+
+def _bool_flags_without_value(args: list[str], function) -> list[str]:
+    """``--dry_run`` alone means ``--dry_run=true``: jsonargparse wants a value after a bool option; a value that
+    follows (``--dry_run false``) is kept."""
+    hints = typing.get_type_hints(function)
+    flags = {f"--{name}" for name, kind in hints.items() if kind in (bool, typing.Optional[bool])}
+    out = []
+    for i, arg in enumerate(args):
+        following = args[i + 1] if i + 1 < len(args) else None
+        if arg in flags and (following is None or following.lower() not in BOOL_WORDS):
+            arg += "=true"
+        out.append(arg)
+    return out
+
+
 def usage() -> str:
     verbs = ", ".join((*LIGHTNING_VERBS, PIPELINE_VERB, *DISTILL_VERBS, *COMMANDS))
-    return f"usage: qat <verb> [--help] ...\nverbs: {verbs}"
+    return (f"usage: qat [--debug] <verb> [--help] ...\nverbs: {verbs}\n"
+            f"  {DEBUG_FLAG}  show the Python traceback of an error (also accepted after the verb)")
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _safetensors_error_type() -> type | None:
+    # Only when safetensors was imported by the failing command: importing it here would slow every verb down.
+    module = sys.modules.get("safetensors")
+    return getattr(module, "SafetensorError", None) if module is not None else None
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message for an error the user caused (a ``QATError``, or a bad file they named); None for a bug."""
+    if isinstance(e, QATError):
+        return _one_line(str(e))
+    if isinstance(e, OSError) and isinstance(e, USER_FILE_ERRORS):
+        return _one_line(f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e))
+    if isinstance(e, UnicodeDecodeError):
+        return _one_line(f"a file is not valid UTF-8 text ({e}); re-encode it as UTF-8")
+    if isinstance(e, json.JSONDecodeError):
+        return _one_line(f"a file is not valid JSON ({e})")
+    safetensors_error = _safetensors_error_type()
+    if safetensors_error is not None and isinstance(e, safetensors_error):
+        return _one_line(f"not a valid safetensors file ({e}); re-export or re-download it")
+    return None
+
+
+def _split_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    return [a for a in argv if a != DEBUG_FLAG], DEBUG_FLAG in argv
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = _split_debug_flag(list(sys.argv[1:] if argv is None else argv))
     _set_offline_defaults()
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
     verb, rest = argv[0], argv[1:]
+    try:
+        return _run_verb(verb, rest)
+    except Exception as e:  # noqa: BLE001 -- the one place where every failure becomes a message and an exit code
+        message = user_error_message(e)
+        if debug:
+            traceback.print_exc()
+        if message is not None:
+            print(f"qat {verb}: error: {message}", file=sys.stderr)
+            return 2
+        print(f"qat {verb}: unexpected error: {type(e).__name__}: {_one_line(str(e), 500)} "
+              f"({'traceback above' if debug else 'run with --debug for the traceback'})", file=sys.stderr)
+        return 1
+
+
+def _run_verb(verb: str, rest: list[str]) -> int:
     if verb not in CLUSTER_VERBS:  # these only call sbatch/squeue/scancel: no torch import
         _default_deepspeed_accelerator()
-    try:
-        if verb in LIGHTNING_VERBS:
-            from qat.cli.fit import fit_cli
+    if verb in LIGHTNING_VERBS:
+        from qat.cli.fit import fit_cli
 
-            fit_cli([verb, *rest])
-            return 0
-        if verb in DISTILL_VERBS:
-            module, function = DISTILL_VERBS[verb].split(":")
-            getattr(importlib.import_module(module), function)(rest)
-            return 0
-        if verb == PIPELINE_VERB:
-            from qat.cli.run import run_pipeline
-
-            run_pipeline(rest)
-            return 0
-        if verb not in COMMANDS:
-            print(f"qat: unknown verb {verb!r}\n{usage()}", file=sys.stderr)
-            return 2
-        from jsonargparse import auto_cli
-
-        module, function = COMMANDS[verb].split(":")
-        auto_cli(getattr(importlib.import_module(module), function), args=[_option_name_with_underscores(a) for a in rest],
-                 as_positional=True)
+        fit_cli([verb, *rest])
         return 0
-    except QATError as e:
-        print(f"qat {verb}: error: {e}", file=sys.stderr)
+    if verb in DISTILL_VERBS:
+        module, function = DISTILL_VERBS[verb].split(":")
+        getattr(importlib.import_module(module), function)(rest)
+        return 0
+    if verb == PIPELINE_VERB:
+        from qat.cli.run import run_pipeline
+
+        run_pipeline(rest)
+        return 0
+    if verb not in COMMANDS:
+        print(f"qat: unknown verb {verb!r}\n{usage()}", file=sys.stderr)
         return 2
+    from jsonargparse import auto_cli
+
+    module, name = COMMANDS[verb].split(":")
+    function = getattr(importlib.import_module(module), name)
+    args = _bool_flags_without_value([_option_name_with_underscores(a) for a in rest], function)
+    auto_cli(function, args=args, as_positional=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """``qat submit|status|cancel``: run a recipe as a SLURM job, and watch or stop it (qat/cluster/)."""
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 from qat.cluster.slurm import cancel as scancel
 from qat.cluster.slurm import job_state, queue
-from qat.cluster.submit import SlurmJob, check_job, render_sbatch_script, slurm_available, submit_to_slurm
+from qat.cluster.submit import (SlurmJob, check_job, load_recipe, render_sbatch_script, slurm_available,
+                                submit_to_slurm)
+from qat.errors import ClusterError
 
 
 def submit(recipe: str, nodes: int = 1, gpus_per_node: int = 0, ranks_per_node: int = 1, cpus_per_task: int = 1,
@@ -26,18 +29,25 @@ def submit(recipe: str, nodes: int = 1, gpus_per_node: int = 0, ranks_per_node: 
         strategy: ddp, deepspeed, deepspeed_stage_1|2|3[_offload]; default: the recipe's.
         run_dir: run directory (default: the recipe's).
         overrides: extra ``qat fit`` arguments, e.g. ``--overrides+=--trainer.max_steps=50``.
-        dry_run: print the sbatch script instead of submitting it.
+        dry_run: print the sbatch script instead of submitting it (``--dry-run`` alone means true).
     """
     job = SlurmJob(recipe=Path(recipe), nodes=nodes, gpus_per_node=gpus_per_node, ranks_per_node=ranks_per_node,
                    cpus_per_task=cpus_per_task, partition=partition, time=time, signal_margin_s=signal_margin_s,
                    strategy=strategy, run_dir=Path(run_dir) if run_dir else None, overrides=list(overrides or []))
     if dry_run:
         # Checked against the cluster when there is one; rendered as written when there is none (e.g. a laptop).
+        load_recipe(job.recipe)  # a missing recipe is reported before the cluster is asked
         resolved = None
         if slurm_available():
             from qat.cluster.slurm import partitions
 
-            resolved = check_job(job, partitions()).name
+            try:
+                available = partitions()
+            except ClusterError as e:  # e.g. a login node whose controller is down: the script can still be read
+                note = " ".join(str(e).split())
+                print(f"qat submit: note: not checked against the cluster ({note})", file=sys.stderr)
+            else:
+                resolved = check_job(job, available).name
         print(render_sbatch_script(job, resolved), end="")
         return
     job_id, job_run_dir = submit_to_slurm(job)

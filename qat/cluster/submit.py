@@ -61,13 +61,43 @@ class SlurmJob:
     run_dir: Optional[Path] = None
     overrides: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Checked here, not against the cluster, so `--dry-run` and a machine without SLURM reject them too.
+        counts = {"--nodes": (self.nodes, 1), "--gpus-per-node": (self.gpus_per_node, 0),
+                  "--ranks-per-node": (self.ranks_per_node, 1), "--cpus-per-task": (self.cpus_per_task, 1),
+                  "--signal-margin-s": (self.signal_margin_s, 1)}
+        for flag, (value, least) in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ClusterError(f"{flag}={value!r}: must be a whole number, at least {least}")
+        texts = {"recipe path": str(self.recipe), "--partition": self.partition, "--time": self.time,
+                 "--strategy": self.strategy, "--run-dir": None if self.run_dir is None else str(self.run_dir),
+                 **{f"--overrides[{i}]": o for i, o in enumerate(self.overrides)}}
+        for key, value in texts.items():
+            check_script_text(value, key, ClusterError)
+        time_limit_seconds(self.time)
+
     @property
     def tasks_per_node(self) -> int:
         return self.gpus_per_node if self.gpus_per_node > 0 else self.ranks_per_node
 
 
+def check_script_text(value: object, key: str, error: type[Exception] = ClusterError) -> None:
+    """Raise ``error`` naming ``key`` when ``value`` (a text that goes into the job script) holds a control
+    character: a newline would start a line of its own in the script, i.e. run as a shell command."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise error(f"{key}={value!r}: must be a text")
+    bad = sorted({c for c in value if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise error(f"{key}={value!r} contains control character(s) {', '.join(repr(c) for c in bad)}; "
+                    "remove them (newlines and tabs are not allowed in what goes into the job script)")
+
+
 def time_limit_seconds(time: str) -> int:
-    match = _TIME.match(time)
+    if not isinstance(time, str):
+        raise ClusterError(f"--time {time!r}: use HH:MM:SS or D-HH:MM:SS, e.g. 04:00:00")
+    match = _TIME.fullmatch(time)  # fullmatch: `$` alone would let a trailing newline through
     if match is None:
         raise ClusterError(f"--time {time!r}: use HH:MM:SS or D-HH:MM:SS, e.g. 04:00:00")
     days = int(match["days"] or 0)
@@ -87,6 +117,15 @@ def load_recipe(recipe: Path) -> dict:
     return loaded
 
 
+def check_recipe_script_texts(recipe: dict) -> None:
+    """``RecipeError`` naming the key when a recipe value that goes into the job script is not a plain text."""
+    for section, key in (("run", "name"), ("trainer", "default_root_dir")):
+        part = recipe.get(section)
+        if part is not None and not isinstance(part, dict):
+            raise RecipeError(f"recipe section {section}: must be a mapping, got {part!r}")
+        check_script_text((part or {}).get(key), f"{section}.{key}", RecipeError)
+
+
 def recipe_run_dir(recipe: dict) -> Path:
     """The run directory ``qat fit`` would use for this recipe (trainer.default_root_dir, else runs/<run.name>)."""
     root = (recipe.get("trainer") or {}).get("default_root_dir")
@@ -95,10 +134,8 @@ def recipe_run_dir(recipe: dict) -> Path:
 
 
 def check_job(job: SlurmJob, available: dict[str, Partition]) -> Partition:
-    """The partition the job goes to; ``ClusterError`` when the cluster cannot run it."""
-    if job.nodes < 1 or job.tasks_per_node < 1 or job.cpus_per_task < 1:
-        raise ClusterError(f"--nodes={job.nodes}, tasks per node={job.tasks_per_node}, "
-                           f"--cpus-per-task={job.cpus_per_task}: each must be at least 1")
+    """The partition the job goes to; ``ClusterError`` when the cluster cannot run it (the counts themselves are
+    checked by :class:`SlurmJob`)."""
     if job.partition is None:
         defaults = [p for p in available.values() if p.default]
         if not defaults:
@@ -132,6 +169,7 @@ def render_sbatch_script(job: SlurmJob, partition: Optional[str] = None) -> str:
     """The sbatch script for ``job`` (``partition`` overrides ``job.partition``, e.g. the resolved default)."""
     recipe_path = job.recipe.resolve()
     recipe = load_recipe(recipe_path)
+    check_recipe_script_texts(recipe)
     limit = time_limit_seconds(job.time)
     if not 0 < job.signal_margin_s < limit:
         raise ClusterError(f"--signal-margin-s={job.signal_margin_s} must be between 0 and the time limit "
@@ -152,6 +190,10 @@ def render_sbatch_script(job: SlurmJob, partition: Optional[str] = None) -> str:
         "source_root": shlex.quote(str(Path(qat.__file__).resolve().parents[1])),
         "command": _fit_command(job, recipe_path, run_dir),
     }
+    if partition is not None:  # a partition resolved from the cluster is checked like one given on the command line
+        check_script_text(partition, "--partition")
+    for key, value in values.items():  # the backstop: the working directory, Python and qat's own path too
+        check_script_text(str(value), key)
     template = TEMPLATE.read_text()
     missing = set(_PLACEHOLDER.findall(template)) - set(values)
     if missing:

@@ -1,8 +1,7 @@
-"""LightningDataModule over local text (JSONL or plain text) read with HF ``datasets``, tokenized once and cached
-as fixed-length token blocks (numpy files keyed on data, tokenizer and block length)."""
+"""LightningDataModule over local text (JSONL or plain text, see :mod:`qat.data.documents`), tokenized once with HF
+``datasets`` and cached as fixed-length token blocks (numpy files keyed on data, tokenizer and block length)."""
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +12,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 
 from qat.data.corpus import default_corpus, file_fingerprint
+from qat.data.documents import SUFFIXES, check_documents, documents_fingerprint, iter_documents
 from qat.data.sampler import ResumableShuffleSampler
 from qat.data.tokenizer import load_tokenizer, tokenizer_dir
 from qat.errors import DataError, RecipeError
@@ -35,28 +35,28 @@ class TokenBlocks(Dataset):
         return {"input_ids": torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64)), "block_index": i}
 
 
-def _check_files(files: list[str], key: str) -> list[Path]:
+def _check_files(files: list[str], key: str, text_field: str) -> list[Path]:
+    """The paths of ``files``, each checked to exist and to hold readable documents."""
     paths = [Path(f) for f in files]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"data.{key}: file(s) not found: {', '.join(missing)}. Fix the path in the recipe "
                         "or drop data.train_files/val_files to use the built-in Wikipedia corpus.")
-    bad = [str(p) for p in paths if p.suffix not in (".jsonl", ".json", ".txt")]
+    bad = [str(p) for p in paths if p.suffix not in SUFFIXES]
     if bad:
         raise DataError(f"data.{key}: unsupported file type {', '.join(bad)}; use .jsonl/.json (one object per line "
-                        "with a text field) or .txt")
+                        "with a text field) or .txt (one document per blank-line-separated paragraph)")
+    check_documents(paths, text_field)
     return paths
-
-
-def _hf_format(paths: list[Path]) -> str:
-    return "text" if paths[0].suffix == ".txt" else "json"
 
 
 class TextDataModule(L.LightningDataModule):
     """Language-modelling data: documents joined with EOS and cut into blocks of ``seq_len`` tokens.
 
     Args:
-        train_files: JSONL/JSON/TXT files for training; empty means the built-in Wikipedia corpus.
+        train_files: files for training; empty means the built-in Wikipedia corpus. ``.jsonl``/``.json``: one
+            JSON object per line with the text in ``text_field``; ``.txt``: UTF-8 text, one document per
+            blank-line-separated paragraph.
         val_files: held-out files; required when ``train_files`` is given.
         text_field: the JSON field holding the text.
         tokenizer: ``bpe`` (trained on the training files), ``smollm2`` (the teacher's 49k BPE), or a local
@@ -81,15 +81,17 @@ class TextDataModule(L.LightningDataModule):
         if train_files:
             if not val_files:
                 raise DataError("data.val_files is empty: held-out data is needed for evaluation; add a file")
-            self.files = {"train": _check_files(train_files, "train_files"),
-                          "validation": _check_files(val_files, "val_files")}
+            self.files = {"train": _check_files(train_files, "train_files", text_field),
+                          "validation": _check_files(val_files, "val_files", text_field)}
         else:
             corpus = default_corpus()
             self.files = {split: [corpus[split]] for split in SPLITS}
         self.text_field = text_field
-        self.data_fingerprint = file_fingerprint(self.files["train"] + self.files["validation"])
+        all_files = self.files["train"] + self.files["validation"]
+        self.data_fingerprint = documents_fingerprint(file_fingerprint(all_files), all_files, text_field)
         self.tokenizer_path = tokenizer_dir(tokenizer, self.files["train"], text_field, tokenizer_vocab_size,
-                                            file_fingerprint(self.files["train"]))
+                                            documents_fingerprint(file_fingerprint(self.files["train"]),
+                                                                  self.files["train"], text_field))
         self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.datasets: dict[str, TokenBlocks] = {}
         self.resume_global_step = 0
@@ -103,16 +105,12 @@ class TextDataModule(L.LightningDataModule):
         return cache_dir("tokens") / f"{self.data_fingerprint}-{tok_hash}-{self.hparams.seq_len}-{split}.npy"
 
     def _tokenize(self, split: str) -> np.ndarray:
-        from datasets import load_dataset
+        from datasets import Dataset
 
-        paths = self.files[split]
-        ds = load_dataset(_hf_format(paths), data_files=[str(p) for p in paths], split="train",
-                          cache_dir=str(cache_dir("hf_datasets")))
-        if self.text_field not in ds.column_names:
-            raise DataError(f"{paths[0]} has no field {self.text_field!r} (fields: {ds.column_names}); "
-                            "set data.text_field")
+        # One reader for every format (the one the BPE tokenizer trained on); datasets batches the tokenization.
+        ds = Dataset.from_dict({"text": list(iter_documents(self.files[split], self.text_field))})
         eos = self.tokenizer.eos_token_id
-        ds = ds.map(lambda b: {"ids": [ids + [eos] for ids in self.tokenizer(b[self.text_field])["input_ids"]]},
+        ds = ds.map(lambda b: {"ids": [ids + [eos] for ids in self.tokenizer(b["text"])["input_ids"]]},
                     batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}")
         stream = np.fromiter((t for ids in ds["ids"] for t in ids), dtype=np.int32)
         n = len(stream) // self.hparams.seq_len

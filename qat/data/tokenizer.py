@@ -3,12 +3,15 @@
 local HF tokenizer folder."""
 
 import importlib.util
-import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from filelock import FileLock
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from qat.data.documents import iter_documents
 from qat.errors import DataError, RecipeError
 from qat.paths import cache_dir
 
@@ -28,38 +31,51 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _train_bpe(texts_file: Path, text_field: str, vocab_size: int, out_dir: Path) -> None:
+def _train_bpe(train_files: list[Path], text_field: str, vocab_size: int, out_dir: Path) -> None:
     from tokenizers import ByteLevelBPETokenizer
 
-    def texts():
-        with open(texts_file, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)[text_field]
-
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts(), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN])
+    bpe.train_from_iterator(iter_documents(train_files, text_field), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=[EOS_TOKEN])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
                                   pad_token=EOS_TOKEN, unk_token=EOS_TOKEN)
     tok.save_pretrained(out_dir)
 
 
+def _build_into_cache(out: Path, build) -> None:
+    """Run ``build(folder)`` in a temporary folder next to ``out`` and rename it to ``out`` only once complete, so
+    a failed build leaves nothing that looks like a tokenizer."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, out)  # also replaces an empty folder left by an interrupted build of older versions
+        except OSError as e:
+            raise DataError(f"cannot place the tokenizer at {out} ({e.strerror}): the folder exists without a "
+                            "tokenizer.json; delete it and rerun") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only our own temporary folder; gone already after the rename
+
+
 def tokenizer_dir(name: str, train_files: list[Path], text_field: str, vocab_size: int, fingerprint: str) -> Path:
-    """A folder holding the tokenizer ``name`` in HF format, built once into the cache."""
+    """A folder holding the tokenizer ``name`` in HF format, built once into the cache.
+
+    ``bpe`` trains on the documents of ``train_files`` (see :mod:`qat.data.documents`), which the caller has
+    checked; ``fingerprint`` keys the cache on them.
+    """
     if name == "bpe":
-        if len(train_files) != 1:
-            raise RecipeError("data.tokenizer=bpe trains on one JSONL training file; merge them or name a tokenizer folder")
-        out = cache_dir("tokenizers", f"bpe-{vocab_size}-{fingerprint}")
+        out = cache_dir("tokenizers") / f"bpe-{vocab_size}-{fingerprint}"
         with FileLock(str(out) + ".lock"):
             if not (out / "tokenizer.json").is_file():
-                _train_bpe(train_files[0], text_field, vocab_size, out)
+                _build_into_cache(out, lambda folder: _train_bpe(train_files, text_field, vocab_size, folder))
         return out
     if name == "smollm2":
-        out = cache_dir("tokenizers", "smollm2-135m")
+        out = cache_dir("tokenizers") / "smollm2-135m"
         with FileLock(str(out) + ".lock"):
             if not (out / "tokenizer.json").is_file():
                 gguf = smollm2_gguf_path()
-                AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+                _build_into_cache(out, lambda folder: AutoTokenizer.from_pretrained(
+                    str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder))
         return out
     path = Path(name)
     if path.is_dir() and ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):

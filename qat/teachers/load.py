@@ -23,7 +23,7 @@ from torch import nn
 from qat.data.corpus import file_fingerprint
 from qat.data.tokenizer import load_tokenizer, smollm2_gguf_path
 from qat.errors import TeacherError
-from qat.paths import atomic_write_bytes, cache_dir
+from qat.paths import atomic_write_bytes, cache_dir, plain_file_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".gguf")
@@ -62,8 +62,11 @@ def _atomic_dir(final: Path, build) -> Path:
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        build(tmp)
-        os.replace(tmp, final)
+        try:
+            build(tmp)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # only our temporary folder (gone after a successful rename)
     return final
 
 
@@ -97,8 +100,25 @@ def hf_folder_from_gguf(gguf_file: Path) -> Path:
     return _atomic_dir(final, build)
 
 
-def _tokenizer_dir_from_files(files: dict[str, str]) -> Path:
-    """A folder holding tokenizer files stored in a qat checkpoint (content-addressed in the cache)."""
+def _tokenizer_dir_from_files(files: dict[str, str], source: str = "the checkpoint") -> Path:
+    """A folder holding tokenizer files stored in a qat checkpoint (content-addressed in the cache).
+
+    Raises:
+        TeacherError: the names are not plain file names (a crafted checkpoint could name ``../x`` or ``/etc/x``)
+            or a file's content is not text; nothing is written then.
+    """
+    if not isinstance(files, dict):
+        raise TeacherError(f"{source}: its stored tokenizer files are a {type(files).__name__}, not a mapping of "
+                           "file names to text; retrain it with a current `qat fit` or use another teacher")
+    for name, text in files.items():
+        try:
+            plain_file_name(name, "tokenizer file name")
+        except ValueError as e:
+            raise TeacherError(f"{source}: {e}; the checkpoint was not written by qat or was altered, use "
+                               "another teacher source") from None
+        if not isinstance(text, str):
+            raise TeacherError(f"{source}: stored tokenizer file {name!r} is a {type(text).__name__}, not text; "
+                               "use another teacher source")
     digest = hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in sorted(files.items())).encode()).hexdigest()[:16]
 
     def build(tmp: Path) -> None:
@@ -160,7 +180,8 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
             raise TeacherError(f"model.teacher.source={str(source)!r} is not a loadable qat checkpoint: {e}") from e
         if not trained.tokenizer_files:
             raise TeacherError(f"the checkpoint {source} stores no tokenizer; retrain it with a current `qat fit`")
-        model, tokenizer_dir = trained.model.to(DTYPES[cfg.dtype]), _tokenizer_dir_from_files(trained.tokenizer_files)
+        tokenizer_dir = _tokenizer_dir_from_files(trained.tokenizer_files, str(source))
+        model = trained.model.to(DTYPES[cfg.dtype])
     elif (source / "config.json").is_file():
         model, tokenizer_dir = AutoModelForCausalLM.from_pretrained(str(source), dtype=DTYPES[cfg.dtype]), source
     else:

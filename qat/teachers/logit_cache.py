@@ -25,10 +25,12 @@ import torch
 from filelock import FileLock
 
 from qat.errors import TeacherError
-from qat.paths import atomic_write_bytes, cache_dir
+from qat.paths import atomic_write_bytes, cache_dir, plain_file_name
 
 CACHE_FORMAT = "qat-teacher-topk-v1"
 MANIFEST, PROGRESS = "manifest.json", "progress.json"
+ARRAYS = ("values.npy", "indices.npy")
+REBUILD = "rebuild it with `qat cache-teacher --config <your recipe>` (same data, teacher, tokenizer and top_k)"
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,16 @@ class TeacherLogitCache:
 
     def __init__(self, folder: Path, key: LogitCacheKey):
         self.folder, self.key = folder, key
-        self.values = np.load(folder / "values.npy", mmap_mode="r")
-        self.indices = np.load(folder / "indices.npy", mmap_mode="r")
+        shape = (key.num_blocks, key.seq_len, key.top_k)
+        try:
+            self.values = np.load(folder / "values.npy", mmap_mode="r", allow_pickle=False)
+            self.indices = np.load(folder / "indices.npy", mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise TeacherError(f"teacher-logit cache {folder}: unreadable array ({e}). Delete {folder} and "
+                               f"{REBUILD}") from None
+        if self.values.shape != shape or self.indices.shape != shape:
+            raise TeacherError(f"teacher-logit cache {folder}: arrays of shape {self.values.shape} / "
+                               f"{self.indices.shape}, expected {shape}. Delete {folder} and {REBUILD}")
 
     def lookup(self, block_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.asarray(block_indices.cpu(), dtype=np.int64)
@@ -96,34 +106,74 @@ def _describe_difference(expected: LogitCacheKey, found: dict) -> str:
                      if found.get(k) != v)
 
 
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a cache folder, checked: JSON, a ``key`` mapping, and a sha256 hex digest per array, under
+    the array's plain file name (names come from the file: ``../x`` must never be opened).
+
+    Raises:
+        TeacherError: naming the folder, what is wrong and how to fix it.
+    """
+    def bad(problem: str) -> TeacherError:
+        return TeacherError(f"teacher-logit cache {folder}: {MANIFEST} {problem}. Delete {folder} and {REBUILD}")
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"is not JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise bad(f"is a JSON {type(manifest).__name__}, not an object")
+    missing = [k for k in ("key", "sha256") if k not in manifest]
+    if missing:
+        raise bad(f"lacks {', '.join(missing)}")
+    if not isinstance(manifest["key"], dict):
+        raise bad(f"has a key that is a {type(manifest['key']).__name__}, not an object")
+    digests = manifest["sha256"]
+    if not isinstance(digests, dict):
+        raise bad(f"has sha256 as a {type(digests).__name__}, not an object")
+    for name, digest in digests.items():
+        try:
+            plain_file_name(name, "array name")
+        except ValueError as e:
+            raise bad(f"names an {e}") from None
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise bad(f"has {digest!r} as the sha256 of {name!r}, not a hex digest")
+    if sorted(digests) != sorted(ARRAYS):  # every array is checked, none is skipped by leaving it out
+        raise bad(f"lists checksums of {sorted(digests)}, expected {list(ARRAYS)}")
+    return manifest
+
+
 def open_logit_cache(key: LogitCacheKey, root: Optional[Path] = None, verify: bool = True) -> TeacherLogitCache:
     """The complete cache for ``key``.
 
     Raises:
         TeacherError: none exists (naming how the closest existing cache differs, if any), or its manifest or
-            checksums do not match (a stale or corrupted cache is never used).
+            checksums do not match (a stale, corrupted or malformed cache is never used).
     """
     root = _root(root)
     folder = root / key.digest()
-    fix = "build it with `qat cache-teacher --config <your recipe>` (same data, teacher, tokenizer and top_k)"
     if not (folder / MANIFEST).is_file():
         others = []
         for manifest in sorted(root.glob(f"*/{MANIFEST}")):
-            found = json.loads(manifest.read_text()).get("key", {})
+            try:
+                found = read_manifest(manifest.parent)["key"]
+            except TeacherError:
+                others.append(f"{manifest.parent.name}: malformed manifest")
+                continue
             others.append(f"{manifest.parent.name}: {_describe_difference(key, found)}")
         partial = " (an interrupted build exists; rerunning the command resumes it)" \
             if (root / f"{key.digest()}.partial").is_dir() else ""
         stale = f" Existing caches are for other inputs and are refused: {'; '.join(others)}." if others else ""
-        raise TeacherError(f"no teacher-logit cache for this data/teacher/tokenizer/top_k{partial}.{stale} Fix: {fix}")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("key") != asdict(key):
-        raise TeacherError(f"teacher-logit cache {folder} is stale: {_describe_difference(key, manifest.get('key', {}))}. "
-                           f"Delete it and {fix}")
+        raise TeacherError(f"no teacher-logit cache for this data/teacher/tokenizer/top_k{partial}.{stale} "
+                           f"Fix: {REBUILD}")
+    manifest = read_manifest(folder)
+    if manifest["key"] != asdict(key):
+        raise TeacherError(f"teacher-logit cache {folder} is stale: {_describe_difference(key, manifest['key'])}. "
+                           f"Delete it and {REBUILD}")
     if verify:
         for name, digest in manifest["sha256"].items():
-            if _file_sha256(folder / name) != digest:
-                raise TeacherError(f"teacher-logit cache {folder}: {name} does not match its checksum (corrupted). "
-                                   f"Delete {folder} and {fix}")
+            if not (folder / name).is_file() or _file_sha256(folder / name) != digest:
+                raise TeacherError(f"teacher-logit cache {folder}: {name} is missing or does not match its checksum "
+                                   f"(corrupted). Delete {folder} and {REBUILD}")
     return TeacherLogitCache(folder, key)
 
 
@@ -154,7 +204,7 @@ def build_logit_cache(key: LogitCacheKey, blocks: np.ndarray, teacher_logits: Ca
             if values.shape != shape or indices.shape != shape:
                 raise ValueError("other shape")
             done = int(state["blocks_done"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             shutil.rmtree(partial, ignore_errors=True)   # nothing usable: restart from scratch
             partial.mkdir(parents=True)
             values = np.lib.format.open_memmap(partial / "values.npy", "w+", np.float32, shape)

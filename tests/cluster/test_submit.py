@@ -84,3 +84,82 @@ def test_batch_script_runs_on_both_emulated_nodes_and_cancel_works(slurm_cluster
     assert f"job {sleeper}:" in status.stdout and "restarts=0" in status.stdout
     cancel(sleeper)
     assert wait_until_done(sleeper)["JobState"] == "CANCELLED"
+
+
+# Bad values are rejected before anything reaches a job script, with or without a cluster (no SLURM needed).
+
+def _no_slurm(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+
+
+def _dry_run(capsys, *args: str) -> tuple[int, str, str]:
+    from qat.cli.main import main
+
+    code = main(["submit", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_readme_dry_run_spelling_renders_the_script(tmp_path, monkeypatch, capsys):
+    _no_slurm(monkeypatch, tmp_path)
+    for flag in (["--dry-run"], ["--dry-run", "true"], ["--dry_run=true"]):
+        code, out, err = _dry_run(capsys, str(RECIPE), "--nodes", "2", "--gpus-per-node", "0", "--partition", "debug",
+                                  "--time", "00:30:00", *flag)
+        assert code == 0, err
+        assert "#SBATCH --nodes=2" in out.splitlines() and "#SBATCH --partition=debug" in out.splitlines()
+    # The flag before the positional recipe, and an explicit false (then it submits: no SLURM here).
+    code, out, _ = _dry_run(capsys, "--dry-run", str(RECIPE), "--time", "00:30:00")
+    assert code == 0 and out.startswith("#!/bin/bash")
+    code, out, err = _dry_run(capsys, str(RECIPE), "--dry-run", "false")
+    assert code == 2 and out == "" and "`sinfo` not found" in err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--nodes", "0", "--nodes=0: must be a whole number, at least 1"),
+    ("--nodes", "-2", "--nodes=-2: must be"),
+    ("--cpus-per-task", "0", "--cpus-per-task=0: must be a whole number, at least 1"),
+    ("--gpus-per-node", "-1", "--gpus-per-node=-1: must be a whole number, at least 0"),
+    ("--ranks-per-node", "0", "--ranks-per-node=0: must be"),
+])
+def test_counts_below_one_are_rejected_without_a_cluster(tmp_path, monkeypatch, capsys, flag, value, message):
+    _no_slurm(monkeypatch, tmp_path)
+    code, out, err = _dry_run(capsys, str(RECIPE), flag, value, "--dry-run")
+    assert code == 2 and out == "" and err.startswith(f"qat submit: error: {message}")
+
+
+@pytest.mark.parametrize("flag,key", [
+    ("--partition", "--partition"), ("--strategy", "--strategy"), ("--time", "--time"), ("--run_dir", "--run-dir"),
+])
+@pytest.mark.parametrize("bad", ["\n", "\r", "\t", "\x1b", "\x00"])
+def test_control_characters_in_flags_never_reach_the_script(tmp_path, monkeypatch, capsys, flag, key, bad):
+    _no_slurm(monkeypatch, tmp_path)
+    value = {"--time": "00:30:00", "--partition": "debug", "--strategy": "ddp", "--run_dir": str(tmp_path)}[flag]
+    code, out, err = _dry_run(capsys, str(RECIPE), flag, f"{value}{bad}touch /tmp/pwned", "--dry-run")
+    assert code == 2 and out == "", err
+    assert f"qat submit: error: {key}=" in err and "control character" in err
+
+
+def test_control_characters_in_overrides_and_recipe_path(tmp_path):
+    with pytest.raises(ClusterError, match=r"--overrides\[1\]=.*control character"):
+        SlurmJob(recipe=RECIPE, overrides=["--trainer.max_steps=5", "--run.name=x\ntouch /tmp/pwned"])
+    with pytest.raises(ClusterError, match="recipe path=.*control character"):
+        SlurmJob(recipe=tmp_path / "r\n.yaml")
+    # A trailing newline used to pass the time check (`$` matches before it).
+    with pytest.raises(ClusterError, match="--time"):
+        SlurmJob(recipe=RECIPE, time="01:00:00\n")
+
+
+@pytest.mark.parametrize("section,key", [("run", "name"), ("trainer", "default_root_dir")])
+def test_control_characters_in_recipe_values_are_a_recipe_error(tmp_path, section, key):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    loaded = yaml.safe_load(RECIPE.read_text())
+    loaded.setdefault(section, {})[key] = "x\nrm -rf ~"
+    recipe.write_text(yaml.safe_dump(loaded))
+    with pytest.raises(RecipeError, match=rf"{section}\.{key}=.*control character"):
+        render_sbatch_script(SlurmJob(recipe=recipe), "debug")
+    loaded[section][key] = ["not", "a", "text"]
+    recipe.write_text(yaml.safe_dump(loaded))
+    with pytest.raises(RecipeError, match=rf"{section}\.{key}=.*must be a text"):
+        render_sbatch_script(SlurmJob(recipe=recipe), "debug")

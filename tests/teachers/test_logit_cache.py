@@ -1,6 +1,7 @@
 """Top-k teacher-logit cache: exact round trip, refusal of caches for other inputs, interrupted builds (also a real
 SIGKILL) that resume and are never used half-written."""
 
+import json
 import os
 import signal
 import subprocess
@@ -144,3 +145,51 @@ def test_sigkilled_build_leaves_no_usable_cache_and_resumes(tmp_path):
     values, indices = cache.lookup(torch.arange(len(blocks)))
     top = _teacher(torch.from_numpy(blocks).long()).topk(K, dim=-1)
     assert torch.equal(values, top.values) and torch.equal(indices, top.indices)
+
+
+def _break_manifest(folder: Path, edit) -> None:
+    manifest = folder / "manifest.json"
+    data = json.loads(manifest.read_text())
+    result = edit(data)
+    manifest.write_bytes(result if isinstance(result, bytes) else json.dumps(data).encode())
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda m: b"{ not json", "is not JSON"),
+    (lambda m: b"\xff\xfe", "is not JSON"),
+    (lambda m: json.dumps([m]).encode(), "is a JSON list, not an object"),
+    (lambda m: m.pop("sha256"), "lacks sha256"),
+    (lambda m: m.pop("key"), "lacks key"),
+    (lambda m: m.update(key="abc"), "has a key that is a str"),
+    (lambda m: m.update(sha256=["values.npy"]), "has sha256 as a list"),
+    (lambda m: m.update(sha256={}), r"lists checksums of \[\]"),  # would skip every checksum
+    (lambda m: m["sha256"].update({"values.npy": 5}), "not a hex digest"),
+    (lambda m: m["sha256"].update({"../../outside.npy": m["sha256"]["values.npy"]}), "unsafe array name"),
+    (lambda m: m["sha256"].update({"/etc/passwd": "0" * 64}), "unsafe array name"),
+])
+def test_malformed_manifest_is_a_teacher_error_naming_the_folder_and_the_fix(tmp_path, edit, problem):
+    blocks = _blocks()
+    cache = build_logit_cache(_key(blocks), blocks, _teacher, VOCAB, batch_size=4, root=tmp_path, progress=False)
+    _break_manifest(cache.folder, edit)
+    for verify in (True, False):
+        with pytest.raises(TeacherError, match=problem) as error:
+            open_logit_cache(_key(blocks), root=tmp_path, verify=verify)
+        assert str(cache.folder) in str(error.value) and "qat cache-teacher" in str(error.value)
+        assert "Delete" in str(error.value)
+
+
+def test_another_cache_with_a_malformed_manifest_does_not_hide_the_real_message(tmp_path):
+    blocks = _blocks()
+    other = build_logit_cache(_key(blocks, top_k=3), blocks, _teacher, VOCAB, batch_size=4, root=tmp_path,
+                              progress=False)
+    _break_manifest(other.folder, lambda m: b"garbage")
+    with pytest.raises(TeacherError, match="no teacher-logit cache.*malformed manifest.*qat cache-teacher"):
+        open_logit_cache(_key(blocks), root=tmp_path)
+
+
+def test_array_of_another_shape_is_refused_without_verification(tmp_path):
+    blocks = _blocks()
+    cache = build_logit_cache(_key(blocks), blocks, _teacher, VOCAB, batch_size=4, root=tmp_path, progress=False)
+    np.save(cache.folder / "values.npy", np.zeros((2, SEQ, K), np.float32))
+    with pytest.raises(TeacherError, match="expected .10, 12, 5.*qat cache-teacher"):
+        open_logit_cache(_key(blocks), root=tmp_path, verify=False)
