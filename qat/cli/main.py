@@ -90,6 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     except QATError as e:
         print(f"qat {verb}: error: {e}", file=sys.stderr)
         return 2
+    except (TypeError, ValueError) as e:
+        # jsonargparse wraps what a recipe dataclass raises when built as an Optional (``model.quant``).
+        cause = _qat_error_cause(e)
+        if cause is None:
+            raise
+        print(f"qat {verb}: error: {cause}", file=sys.stderr)
+        return 2
+
+
+def _qat_error_cause(error: BaseException) -> QATError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, QATError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
 
 
 if __name__ == "__main__":
