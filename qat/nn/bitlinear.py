@@ -27,7 +27,8 @@ class BitLinear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: QuantConfig | None = None,
                  norm_eps: float = 1e-5, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=bias, quant=quant, device=device, dtype=dtype)
+        super().__init__(in_features, out_features, bias=bias, quant=quant, norm_eps=norm_eps, device=device,
+                         dtype=dtype)
         self.weight_quantizer = self.scheme.weight_fn
         if self.weight_quantizer is None:
             raise RecipeError(f"scheme {self.quant.weight!r} has no weight function; BitLinear needs one")

@@ -23,7 +23,8 @@ class BinaryLinear(QuantizedLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: QuantConfig | None = None,
                  norm_eps: float = 1e-5, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=bias, quant=quant, device=device, dtype=dtype)
+        super().__init__(in_features, out_features, bias=bias, quant=quant, norm_eps=norm_eps, device=device,
+                         dtype=dtype)
         self.create_scales(device, dtype)
         self.reset_scales()
 

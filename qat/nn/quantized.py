@@ -33,7 +33,8 @@ class QuantizedLinear(nn.Linear):
     has_inlayer_norm = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: QuantConfig | None = None,
-                 device=None, dtype=None):
+                 norm_eps: float = 1e-5, device=None, dtype=None):
+        """``norm_eps``: epsilon of an in-layer RMSNorm, for the layers that have one (``has_inlayer_norm``)."""
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.quant = quant if quant is not None else self.default_quant()
         scheme = self.scheme

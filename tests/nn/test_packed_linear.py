@@ -50,10 +50,11 @@ def test_unpackable_scheme_is_a_clear_error(int4_scheme):
     layer = BitLinear(16, 8, quant=QuantConfig(weight="test_int4"))
     with pytest.raises(ExportError, match="cannot pack a layer quantized by 'test_int4'.*--format hf-fp"):
         PackedLinear.from_quantized(layer)
-    model = nn.Sequential(nn.Linear(16, 16), layer)
+    ternary = BitLinear(16, 16, quant=QuantConfig())
+    model = nn.Sequential(ternary, layer)
     with pytest.raises(ExportError, match="'test_int4'"):
         pack_model(model, inplace=True)
-    assert model[1] is layer   # refused before anything was replaced
+    assert model[0] is ternary and model[1] is layer   # refused before anything was replaced
     with pytest.raises(ExportError, match="no quantized layer"):
         pack_model(nn.Sequential(nn.Linear(4, 4)))
 
