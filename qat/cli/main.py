@@ -91,10 +91,23 @@ def _safetensors_error_type() -> type | None:
     return getattr(module, "SafetensorError", None) if module is not None else None
 
 
+def _qat_error_cause(error: BaseException | None) -> QATError | None:
+    """The ``QATError`` in ``error``'s cause chain: jsonargparse wraps what a recipe dataclass raises when it is
+    built as an Optional (``model.quant``) into its own ValueError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, QATError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
+
+
 def user_error_message(e: BaseException) -> str | None:
     """The one-line message for an error the user caused (a ``QATError``, or a bad file they named); None for a bug."""
-    if isinstance(e, QATError):
-        return _one_line(str(e))
+    cause = _qat_error_cause(e)
+    if cause is not None:
+        return _one_line(str(cause))
     if isinstance(e, OSError) and isinstance(e, USER_FILE_ERRORS):
         return _one_line(f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e))
     if isinstance(e, UnicodeDecodeError):

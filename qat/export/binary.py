@@ -26,7 +26,8 @@ from qat.errors import ExportError
 from qat.checkpoint.trained import TrainedModel
 from qat.export.hf_bitnet import WEIGHTS_FILE, write_export_folder
 from qat.nn.config import QuantConfig
-from qat.nn.fbi_linear import BINARY_LINEAR_LAYERS, binary_layers
+from qat.nn.fbi_linear import binary_layers
+from qat.nn.schemes import get_scheme
 from qat.pack.binary_1bit import pack_sign_1bit, unpack_sign_1bit
 
 BINARY_MODEL_TYPE = "qat-binary"
@@ -88,7 +89,7 @@ def export_binary(trained: TrainedModel, out_dir: str | Path, manifest: Optional
     Raises:
         ExportError: the model has no binary layers (export ternary/FP runs with ``--format hf``/``hf-fp``).
     """
-    if trained.quant is None or trained.quant.weight not in BINARY_LINEAR_LAYERS:
+    if trained.quant is None or "binary" not in get_scheme(trained.quant.weight).export_formats:
         raise ExportError(f"--format binary needs a binary checkpoint (model.quant.weight: fbi_binary or onebit); "
                           f"this one has quant={asdict(trained.quant) if trained.quant else None}. Use --format hf "
                           "(ternary) or hf-fp (full precision).")

@@ -21,7 +21,7 @@ from qat.checkpoint.trained import TrainedModel
 from qat.nn.bitlinear import BitLinear
 from qat.nn.convert import PRE_BLOCK_NORMS
 from qat.pack.hf_bitnet import pack_ternary_hf
-from qat.quant import QUANTIZER_LEVELS
+from qat.nn.schemes import get_scheme
 
 WEIGHTS_FILE = "model.safetensors"
 EXPORT_MANIFEST = "qat_export.json"
@@ -34,7 +34,7 @@ def check_exportable_to_hf(trained: TrainedModel) -> None:
     if quant is None:
         raise ExportError("this checkpoint is full precision (model.quant is null): nothing to pack. "
                           "Export it with `qat export ... --format hf-fp`, or train a ternary recipe")
-    levels = QUANTIZER_LEVELS.get(quant.weight)
+    levels = get_scheme(quant.weight).levels if "hf" in get_scheme(quant.weight).export_formats else None
     if levels is None or not set(levels) <= {-1, 0, 1}:
         raise ExportError(f"weight quantizer {quant.weight!r} is not ternary; HF BitNet holds only {{-1, 0, 1}} "
                           "weights. Use the export format of that quantizer family")

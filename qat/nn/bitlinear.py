@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.errors import RecipeError
 from qat.nn.config import QuantConfig
 from qat.nn.quantized import QuantizedLinear
 from qat.quant import absmax_int8_per_token, dequantize, straight_through
@@ -22,11 +23,15 @@ class BitLinear(QuantizedLinear):
         codes, scale = layer.quantized_weight()   # codes in {-1, 0, 1}
     """
 
+    has_inlayer_norm = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: QuantConfig | None = None,
                  norm_eps: float = 1e-5, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.quant = quant or QuantConfig()
+        super().__init__(in_features, out_features, bias=bias, quant=quant, norm_eps=norm_eps, device=device,
+                         dtype=dtype)
         self.weight_quantizer = self.scheme.weight_fn
+        if self.weight_quantizer is None:
+            raise RecipeError(f"scheme {self.quant.weight!r} has no weight function; BitLinear needs one")
         # unilm FAQ variant: RMSNorm inside the layer, before activation quantization.
         self.rms_norm = (nn.RMSNorm(in_features, eps=norm_eps, device=device, dtype=dtype)
                            if self.quant.norm_placement == "inlayer" else None)

@@ -1,7 +1,10 @@
-"""Configs of the model and its quantization: plain dataclasses that recipes map onto."""
+"""Configs of the model and its quantization: plain dataclasses that recipes map onto, validated when built (a
+recipe with an impossible setting fails before anything is computed, with a message naming the key)."""
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
+
+from qat.errors import RecipeError
 
 
 @dataclass
@@ -9,11 +12,12 @@ class QuantConfig:
     """How linear layers are quantized during training.
 
     Attributes:
-        weight: weight quantizer name from ``qat.quant.WEIGHT_QUANTIZERS`` (e.g. ``absmean_ternary``), or a
-            binary layer with learnable scales: ``fbi_binary`` (FBI-LLM) or ``onebit`` (OneBit); those two are
-            W1A16 (``activation: none``).
+        weight: quantization scheme name from ``qat.nn.schemes.SCHEMES``: ``absmean_ternary``,
+            ``absmedian_ternary``, ``absmean_binary``, or a binary layer with learnable scales: ``fbi_binary``
+            (FBI-LLM) or ``onebit`` (OneBit); those two are W1A16 (``activation: none``).
         granularity: one weight scale per ``tensor``, per output ``row``, or per ``group`` of inputs.
-        group_size: inputs per scale when ``granularity`` is ``group``.
+        group_size: inputs per scale when ``granularity`` is ``group``; must divide every quantized layer's
+            in_features (checked when the model is converted).
         activation: ``int8_per_token`` (BitNet absmax) or ``none`` (16-bit activations).
         norm_placement: ``subln`` keeps the model's norms (HF ``BitNetForCausalLM`` sub-norms);
             ``inlayer`` removes the pre-attention/pre-MLP RMSNorm and gives every quantized linear its own
@@ -28,6 +32,15 @@ class QuantConfig:
     activation: Literal["int8_per_token", "none"] = "int8_per_token"
     norm_placement: Literal["subln", "inlayer"] = "subln"
     keep_full_precision: list[str] = field(default_factory=lambda: ["lm_head", "embed_tokens"])
+
+    def __post_init__(self) -> None:
+        # Lazy: the scheme registry imports the layers, which import this module.
+        from qat.nn.schemes import get_scheme
+
+        scheme = get_scheme(self.weight)
+        if self.group_size <= 0:
+            raise RecipeError(f"model.quant.group_size={self.group_size} must be >= 1 (inputs per weight scale)")
+        scheme.check_config(self)
 
 
 @dataclass
@@ -53,3 +66,18 @@ class ArchConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     hidden_act: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 0:
+            raise RecipeError(f"model.arch.vocab_size={self.vocab_size} must be >= 0 (0 = the tokenizer's size)")
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, key) < 1:
+                raise RecipeError(f"model.arch.{key}={getattr(self, key)} must be >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            raise RecipeError(f"model.arch.hidden_size={self.hidden_size} is not divisible by "
+                              f"model.arch.num_attention_heads={self.num_attention_heads}; change one of them")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise RecipeError(f"model.arch.num_attention_heads={self.num_attention_heads} is not divisible by "
+                              f"model.arch.num_key_value_heads={self.num_key_value_heads} (grouped-query attention "
+                              "shares each key/value head among a whole number of query heads); change one of them")

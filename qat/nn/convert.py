@@ -1,4 +1,5 @@
-"""Model surgery: build a causal LM from an ``ArchConfig`` and swap its linear layers for ``BitLinear``."""
+"""Model surgery: build a causal LM from an ``ArchConfig`` and swap its linear layers for the quantized layers of
+the scheme ``QuantConfig.weight`` names."""
 
 import fnmatch
 from dataclasses import asdict
@@ -29,9 +30,6 @@ def hf_config(arch: ArchConfig, token_ids: dict | None = None):
         return AutoConfig.from_pretrained(arch.pretrained)
     if arch.vocab_size <= 0:
         raise RecipeError("model.arch.vocab_size is unset; it is filled from the tokenizer by `qat fit`, or set it")
-    if arch.hidden_size % arch.num_attention_heads:
-        raise RecipeError(f"model.arch.hidden_size={arch.hidden_size} is not divisible by "
-                          f"num_attention_heads={arch.num_attention_heads}")
     kwargs = {k: v for k, v in asdict(arch).items() if k not in _ARCH_KEYS_NOT_IN_HF and v is not None}
     kwargs["head_dim"] = arch.hidden_size // arch.num_attention_heads
     kwargs.update({"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(token_ids or {})})
@@ -56,27 +54,41 @@ def quantized_linear(linear: nn.Linear, quant: QuantConfig, norm_eps: float) -> 
     return get_scheme(quant.weight).layer_class.from_linear(linear, quant, norm_eps=norm_eps)
 
 
-def convert_to_qat(model: nn.Module, quant: QuantConfig) -> nn.Module:
-    """Replace every ``nn.Linear`` not kept in full precision by a quantized layer holding the same weights
-    (``BitLinear``, or ``FBILinear``/``OneBitLinear`` for the binary ``quant.weight`` names).
-
-    With ``quant.norm_placement == "inlayer"`` the pre-attention and pre-MLP norms become identities (the
-    quantized layers normalise their own inputs). Returns ``model`` (changed in place).
+def linears_to_quantize(model: nn.Module, quant: QuantConfig) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers of ``model`` that ``convert_to_qat`` replaces, by module name.
 
     Raises:
-        RecipeError: unknown quantizer, or no linear layer left to quantize.
+        RecipeError: none left to quantize, or ``group_size`` does not divide a layer's in_features.
+    """
+    linears = {name: m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not isinstance(m, QuantizedLinear)
+               and not keeps_full_precision(name, quant.keep_full_precision)}
+    if not linears:
+        raise RecipeError("convert_to_qat found no nn.Linear to quantize; check model.quant.keep_full_precision")
+    if quant.granularity == "group":
+        for name, linear in linears.items():
+            if linear.in_features % quant.group_size:
+                raise RecipeError(f"model.quant.group_size={quant.group_size} does not divide "
+                                  f"in_features={linear.in_features} of {name}; choose a group size that divides "
+                                  "every quantized layer's input width, or another granularity")
+    return linears
+
+
+def convert_to_qat(model: nn.Module, quant: QuantConfig) -> nn.Module:
+    """Replace every ``nn.Linear`` not kept in full precision by a quantized layer holding the same weights (the
+    layer class of the scheme ``quant.weight`` names: ``BitLinear``, ``FBILinear``, ``OneBitLinear``, ...).
+
+    With ``quant.norm_placement == "inlayer"`` the pre-attention and pre-MLP norms become identities (the
+    quantized layers normalise their own inputs). Returns ``model`` (changed in place; unchanged on error: every
+    layer is checked before the first is replaced).
+
+    Raises:
+        RecipeError: unknown scheme, no linear layer left to quantize, or a group size that does not divide a
+            layer's in_features.
     """
     eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", 1e-5))
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantizedLinear) or not isinstance(module, nn.Linear):
-            continue
-        if keeps_full_precision(name, quant.keep_full_precision):
-            continue
+    for name, module in linears_to_quantize(model, quant).items():
         model.set_submodule(name, quantized_linear(module, quant, eps))
-        replaced += 1
-    if replaced == 0:
-        raise RecipeError("convert_to_qat found no nn.Linear to quantize; check model.quant.keep_full_precision")
     if quant.norm_placement == "inlayer":
         for name, module in list(model.named_modules()):
             if name.rsplit(".", 1)[-1] in PRE_BLOCK_NORMS:

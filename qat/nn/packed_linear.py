@@ -1,4 +1,5 @@
-"""``PackedLinear``: inference twin of ``BitLinear`` holding 2-bit (ternary) or 1-bit (binary) packed weights.
+"""``PackedLinear``: inference twin of a quantized layer (``BitLinear``) holding 2-bit (ternary) or 1-bit (binary)
+packed weights, in the kernel layout its scheme names (``Scheme.packed_layout``).
 
 ``pack_model`` turns a trained QAT model into a packed inference model. With int8 activations the forward is
 BitLinear's math evaluated exactly in integers by the packed kernels (``qat.kernels``):
@@ -7,6 +8,7 @@ unpacks the codes and runs ``F.linear`` on ``codes * scale``, as BitLinear does.
 """
 
 import copy
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +16,30 @@ from torch import nn
 
 from qat.errors import ExportError
 from qat.kernels.packed_linear import dense_linear, packed_linear, unpack_codes
-from qat.nn.bitlinear import BitLinear
+from qat.nn.quantized import QuantizedLinear, quantized_layers
+from qat.nn.schemes import Scheme
 from qat.pack.hf_bitnet import unpack_ternary_hf
 from qat.pack.kernel_layout import BINARY_BITS, TERNARY_BITS, pack_binary_1bit, pack_ternary_2bit
-from qat.quant.registry import QUANTIZER_LEVELS
 from transformers.integrations.bitnet import BitLinear as HFBitLinear
 
-BITS_BY_LEVELS = {(-1, 0, 1): TERNARY_BITS, (-1, 1): BINARY_BITS}
-PACKERS = {TERNARY_BITS: pack_ternary_2bit, BINARY_BITS: pack_binary_1bit}
+# ``Scheme.packed_layout`` -> bits per code and the packer of the kernel layout (qat.pack.kernel_layout).
+PACKED_LAYOUTS = {"ternary_2bit": (TERNARY_BITS, pack_ternary_2bit), "binary_1bit": (BINARY_BITS, pack_binary_1bit)}
+PACKERS = dict(PACKED_LAYOUTS.values())
+
+
+def packed_layout(scheme: Scheme) -> tuple[int, Callable[[torch.Tensor], torch.Tensor]]:
+    """Bits per code and packer of ``scheme``'s kernel layout.
+
+    Raises:
+        ExportError: the scheme has no packed layout (e.g. FBI-LLM's ``alpha * sign + beta`` is not
+            ``codes * scale``).
+    """
+    if scheme.packed_layout not in PACKED_LAYOUTS:
+        raise ExportError(
+            f"cannot pack a layer quantized by {scheme.name!r} (levels {scheme.levels}, packed layout "
+            f"{scheme.packed_layout}); the packed kernels hold the {' and '.join(PACKED_LAYOUTS)} layouts. Keep "
+            f"this model unpacked, or export it with --format {scheme.default_export}.")
+    return PACKED_LAYOUTS[scheme.packed_layout]
 
 
 class PackedLinear(nn.Module):
@@ -33,7 +51,7 @@ class PackedLinear(nn.Module):
 
     Example usage::
 
-        packed = PackedLinear.from_bitlinear(bitlinear_layer)
+        packed = PackedLinear.from_quantized(bitlinear_layer)
         y = packed(x)   # == bitlinear_layer(x) up to fp32 rounding
     """
 
@@ -49,27 +67,26 @@ class PackedLinear(nn.Module):
         self.rms_norm = rms_norm
 
     @classmethod
-    def from_bitlinear(cls, layer: BitLinear) -> "PackedLinear":
-        """Pack ``layer``'s current quantized weight.
+    def from_quantized(cls, layer: QuantizedLinear) -> "PackedLinear":
+        """Pack ``layer``'s current quantized weight in its scheme's packed layout (the layer's effective weight
+        must be ``codes * scale``, as for ``BitLinear``).
 
         Raises:
-            ExportError: the layer's quantizer has levels no packed format holds (only ternary and binary).
+            ExportError: the layer's scheme has no packed layout (only ternary and binary codes with plain scales).
         """
-        levels = tuple(QUANTIZER_LEVELS.get(layer.quant.weight, ()))
-        if levels not in BITS_BY_LEVELS:
-            raise ExportError(f"cannot pack a layer quantized by {layer.quant.weight!r} (levels {levels}); packed "
-                              "kernels hold ternary (-1, 0, 1) and binary (-1, 1) codes. Keep this model unpacked.")
-        bits = BITS_BY_LEVELS[levels]
+        bits, packer = packed_layout(layer.scheme)
         with torch.no_grad():
             codes, scale = layer.quantized_weight()
             out_features, in_features = codes.shape
             # tensor (1, 1) / row (out, 1) / group (out, groups, 1) -> (out, groups)
             scale = scale.float().reshape(scale.shape[0], -1).expand(out_features, -1).contiguous()
-            packed = PACKERS[bits](codes.round().to(torch.int8))
+            packed = packer(codes.round().to(torch.int8))
             bias = None if layer.bias is None else layer.bias.detach().clone()
         group_size = layer.quant.group_size if layer.quant.granularity == "group" else in_features
         return cls(in_features, out_features, bits, packed, scale, group_size, layer.quant.activation, bias,
-                   copy.deepcopy(layer.rms_norm))
+                   copy.deepcopy(getattr(layer, "rms_norm", None)))
+
+    from_bitlinear = from_quantized  # the name callers used before schemes had packed layouts
 
     @classmethod
     def from_hf_bitlinear(cls, layer: HFBitLinear) -> "PackedLinear":
@@ -126,19 +143,23 @@ class DenseLinear(nn.Linear):
 
 
 def pack_model(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every ``BitLinear`` (qat's, or HF's packed BitNet layer) of ``model`` (a copy unless ``inplace``)
-    by its ``PackedLinear``, and every remaining plain ``nn.Linear`` by a ``DenseLinear`` over the same weights.
+    """Replace every quantized layer of ``model`` (a copy unless ``inplace``) by its ``PackedLinear`` — qat's
+    ``QuantizedLinear`` layers, whose schemes must have a packed layout, and HF's packed BitNet ``BitLinear`` —
+    and every remaining plain ``nn.Linear`` by a ``DenseLinear`` over the same weights.
 
     Raises:
-        ExportError: the model has no quantized layer, or one whose quantizer cannot be packed.
+        ExportError: the model has no quantized layer, or one whose scheme has no packed layout (checked for every
+            layer before the model is copied).
     """
+    for layer in quantized_layers(model).values():
+        packed_layout(layer.scheme)
     packed_model = model if inplace else copy.deepcopy(model)
-    layers = [(name, m) for name, m in packed_model.named_modules() if isinstance(m, (BitLinear, HFBitLinear))]
+    layers = [(name, m) for name, m in packed_model.named_modules() if isinstance(m, (QuantizedLinear, HFBitLinear))]
     if not layers:
-        raise ExportError("pack_model found no BitLinear layer; convert the model with qat.nn.convert_to_qat, "
+        raise ExportError("pack_model found no quantized layer; convert the model with qat.nn.convert_to_qat, "
                           "load a QAT checkpoint or an HF BitNet export before packing")
     for name, layer in layers:
-        packed = (PackedLinear.from_bitlinear(layer) if isinstance(layer, BitLinear)
+        packed = (PackedLinear.from_quantized(layer) if isinstance(layer, QuantizedLinear)
                   else PackedLinear.from_hf_bitlinear(layer))
         packed_model.set_submodule(name, packed)
     for name, module in list(packed_model.named_modules()):

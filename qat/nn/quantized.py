@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from qat.errors import RecipeError
 from qat.nn.config import QuantConfig
 
 if TYPE_CHECKING:
@@ -20,10 +21,38 @@ if TYPE_CHECKING:
 class QuantizedLinear(nn.Linear):
     """Base of ``BitLinear`` and the binary layers with learnable scales.
 
-    Subclasses implement :meth:`quantized_weight` and may override :meth:`from_linear` to initialise their scales.
+    Subclasses implement :meth:`quantized_weight` and may override :meth:`reset_quantization_state` to initialise
+    their scales. ``quant=None`` takes the first registered scheme that this class implements.
+
+    Raises:
+        RecipeError: ``quant`` names a scheme implemented by another layer class, or settings it does not support.
     """
 
     quant: QuantConfig
+    # Whether the layer can hold an RMSNorm of its input (``norm_placement: inlayer``, unilm BitNet FAQ).
+    has_inlayer_norm = False
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant: QuantConfig | None = None,
+                 norm_eps: float = 1e-5, device=None, dtype=None):
+        """``norm_eps``: epsilon of an in-layer RMSNorm, for the layers that have one (``has_inlayer_norm``)."""
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.quant = quant if quant is not None else self.default_quant()
+        scheme = self.scheme
+        if not isinstance(self, scheme.layer_class):
+            raise RecipeError(f"{type(self).__name__} cannot train scheme {scheme.name!r}: its layer is "
+                              f"{scheme.layer_class.__name__}; build layers with qat.nn.convert.convert_to_qat")
+        scheme.check_config(self.quant)
+
+    @classmethod
+    def default_quant(cls) -> QuantConfig:
+        """The config of the first registered scheme whose layer is ``cls``, with its first supported settings."""
+        from qat.nn.schemes import SCHEMES
+
+        for scheme in SCHEMES.values():
+            if scheme.layer_class is cls:
+                return QuantConfig(weight=scheme.name, granularity=scheme.granularities[0],
+                                   activation=scheme.activations[0])
+        raise RecipeError(f"no registered scheme uses {cls.__name__}; pass quant=QuantConfig(weight=...)")
 
     @property
     def scheme(self) -> "Scheme":

@@ -20,6 +20,7 @@ import torch
 
 from qat.errors import RecipeError
 from qat.nn.bitlinear import BitLinear
+from qat.nn.config import QuantConfig
 from qat.nn.fbi_linear import FBILinear, OneBitLinear
 from qat.nn.quantized import QuantizedLinear
 from qat.quant.binary import absmean_binary
@@ -65,6 +66,23 @@ class Scheme:
     @property
     def default_export(self) -> str:
         return self.export_formats[0]
+
+    def check_config(self, quant: QuantConfig) -> None:
+        """Refuse settings this scheme's layer does not implement.
+
+        Raises:
+            RecipeError: unsupported granularity or activation, or ``inlayer`` norms for a layer without one.
+        """
+        if quant.granularity not in self.granularities:
+            raise RecipeError(f"model.quant.granularity={quant.granularity!r} is not supported by scheme "
+                              f"{self.name!r}; set model.quant.granularity to one of {', '.join(self.granularities)}")
+        if quant.activation not in self.activations:
+            raise RecipeError(f"model.quant.activation={quant.activation!r} is not supported by scheme {self.name!r} "
+                              f"({self.description}); set model.quant.activation: {' or '.join(self.activations)}")
+        if quant.norm_placement == "inlayer" and not self.layer_class.has_inlayer_norm:
+            raise RecipeError(f"model.quant.norm_placement=inlayer: the layers of scheme {self.name!r} "
+                              f"({self.layer_class.__name__}) have no in-layer RMSNorm; "
+                              "set model.quant.norm_placement: subln")
 
 
 SCHEMES: dict[str, Scheme] = {}

@@ -5,6 +5,7 @@ treat them like any other run). Its logits come either from a forward pass in th
 from the top-k cache built by ``qat cache-teacher`` (``cached``), looked up by the batch's block indices.
 """
 
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -66,6 +67,7 @@ class DistillationLanguageModel(QATLanguageModel):
                  health_every_n_steps: int = 50, teacher: Optional[TeacherConfig] = TeacherConfig(),
                  distill: DistillConfig = DistillConfig()):
         super().__init__(arch, quant, optim, tokenizer_dir, health_every_n_steps)
+        teacher, distill = copy.deepcopy((teacher, distill))  # the defaults above are shared by every call
         self.hparams["teacher"] = asdict(teacher) if teacher else None
         self.hparams["distill"] = asdict(distill)
         self.teacher_cfg, self.distill_cfg = teacher, distill

@@ -1,6 +1,7 @@
 """``QATLanguageModel``: the LightningModule that trains a (quantized) causal LM. Training math only lives in
 the layers and loss functions it composes; this class wires model, loss, optimizer and schedule."""
 
+import copy
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +41,9 @@ class QATLanguageModel(L.LightningModule):
                  optim: OptimConfig = OptimConfig(), tokenizer_dir: Optional[str] = None,
                  health_every_n_steps: int = 50):
         super().__init__()
+        # The default configs above are one instance shared by every call: work on copies, so that filling in
+        # the vocabulary size below changes neither a default nor the caller's config.
+        arch, quant, optim = copy.deepcopy((arch, quant, optim))
         token_ids = {}
         self.tokenizer_files: dict[str, str] = {}
         if tokenizer_dir is not None:

@@ -6,8 +6,7 @@ from collections import defaultdict
 import lightning as L
 import torch
 
-from qat.nn.bitlinear import BitLinear
-from qat.nn.fbi_linear import BinaryLinear
+from qat.nn.quantized import quantized_layers
 
 
 def layer_group(name: str) -> str:
@@ -23,23 +22,13 @@ class QATHealthMonitor(L.Callback):
         self.every_n_steps = every_n_steps
         self.previous_codes: dict[str, torch.Tensor] = {}
 
-    @staticmethod
-    def codes_and_scale(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Integer codes and scale of a quantized layer (binary layers: signs and mean |effective weight|)."""
-        if isinstance(layer, BitLinear):
-            return layer.quantized_weight()
-        if isinstance(layer, BinaryLinear):
-            return layer.sign_codes(), layer.binary_weight().abs().mean(dim=-1)
-        return None
-
     @torch.no_grad()
     def health_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """``qat/<group>/{zero_frac, flip_frac, scale_mean, scale_min, scale_max}`` over every quantized layer
+        (``QuantizedLinear.quantized_weight``); ``flip_frac`` from the second call on."""
         sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        for name, layer in model.named_modules():
-            quantized = self.codes_and_scale(layer)
-            if quantized is None:
-                continue
-            codes, scale = quantized
+        for name, layer in quantized_layers(model).items():
+            codes, scale = layer.quantized_weight()
             codes = codes.to(torch.int8)
             g = sums[layer_group(name)]
             g["n"] += codes.numel()

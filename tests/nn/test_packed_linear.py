@@ -9,7 +9,7 @@ from qat.nn.bitlinear import BitLinear
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
 from qat.nn.packed_linear import DenseLinear, PackedLinear, pack_model
-from qat.quant import registry
+from qat.nn.schemes import SCHEMES, Scheme, register_scheme
 
 pytestmark = pytest.mark.kernels
 
@@ -28,7 +28,7 @@ def test_packed_layer_equals_bitlinear(weight, granularity, group_size, bias, ac
     torch.manual_seed(0)
     quant = QuantConfig(weight=weight, granularity=granularity, group_size=group_size, activation=activation)
     layer = BitLinear.from_linear(nn.Linear(1024, 77, bias=bias), quant)
-    packed = PackedLinear.from_bitlinear(layer)
+    packed = PackedLinear.from_quantized(layer)
     assert packed.bits == (1 if weight.endswith("binary") else 2)
     x = torch.randn(2, 5, 1024)
     with torch.no_grad():
@@ -37,13 +37,25 @@ def test_packed_layer_equals_bitlinear(weight, granularity, group_size, bias, ac
     assert torch.equal(packed.codes(), codes.to(torch.int8))
 
 
-def test_unpackable_quantizer_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(registry.WEIGHT_QUANTIZERS, "test_int4", lambda w, g, s: (w.round(), torch.ones(1, 1)))
-    monkeypatch.setitem(registry.QUANTIZER_LEVELS, "test_int4", tuple(range(-8, 8)))
+@pytest.fixture
+def int4_scheme():
+    """A throwaway BitLinear scheme with 16 levels and no packed layout, removed from the registry afterwards."""
+    scheme = register_scheme(Scheme("test_int4", tuple(range(-8, 8)), BitLinear,
+                                    lambda w, g, s: (w.round().clamp(-8, 7), torch.ones(1, 1)), None, ("hf-fp",)))
+    yield scheme
+    del SCHEMES[scheme.name]
+
+
+def test_unpackable_scheme_is_a_clear_error(int4_scheme):
     layer = BitLinear(16, 8, quant=QuantConfig(weight="test_int4"))
-    with pytest.raises(ExportError, match="cannot pack a layer quantized by 'test_int4'"):
-        PackedLinear.from_bitlinear(layer)
-    with pytest.raises(ExportError, match="no BitLinear layer"):
+    with pytest.raises(ExportError, match="cannot pack a layer quantized by 'test_int4'.*--format hf-fp"):
+        PackedLinear.from_quantized(layer)
+    ternary = BitLinear(16, 16, quant=QuantConfig())
+    model = nn.Sequential(ternary, layer)
+    with pytest.raises(ExportError, match="'test_int4'"):
+        pack_model(model, inplace=True)
+    assert model[0] is ternary and model[1] is layer   # refused before anything was replaced
+    with pytest.raises(ExportError, match="no quantized layer"):
         pack_model(nn.Sequential(nn.Linear(4, 4)))
 
 

@@ -87,10 +87,10 @@ def _bitnet_binary_ref(w: np.ndarray) -> tuple[np.ndarray, float]:
 
 @pytest.mark.parametrize("granularity,group_size", [("tensor", 128), ("row", 128), ("group", 32)])
 def test_absmean_binary_matches_float64_formula(granularity, group_size):
-    from qat.quant import get_weight_quantizer
+    from qat.quant import absmean_binary
 
     w = torch.randn(9, 96, generator=torch.Generator().manual_seed(5)) * 0.03 + 0.01
-    codes, scale = get_weight_quantizer("absmean_binary")(w, granularity, group_size)
+    codes, scale = absmean_binary(w, granularity, group_size)
     spans = {"tensor": [(slice(None), slice(None))],
              "row": [(r, slice(None)) for r in range(9)],
              "group": [(r, slice(g, g + group_size)) for r in range(9) for g in range(0, 96, group_size)]}[granularity]

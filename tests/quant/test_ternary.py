@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from qat.quant import absmean_ternary, absmedian_ternary, dequantize, get_weight_quantizer
-from qat.errors import RecipeError
+from qat.quant import absmean_ternary, absmedian_ternary, dequantize
 from tests.references.bitnet_reference import absmean_ternary_ref, absmedian_ternary_ref
 
 QUANTIZERS = [(absmean_ternary, absmean_ternary_ref), (absmedian_ternary, absmedian_ternary_ref)]
@@ -53,8 +52,3 @@ def test_values_are_ternary_times_scale_and_error_is_bounded():
 def test_group_size_must_divide_inputs():
     with pytest.raises(ValueError, match="group_size"):
         absmean_ternary(torch.randn(4, 10), "group", group_size=4)
-
-
-def test_unknown_quantizer_name_is_a_recipe_error():
-    with pytest.raises(RecipeError, match="unknown weight quantizer 'absmax_ternery'.*model.quant.weight"):
-        get_weight_quantizer("absmax_ternery")
