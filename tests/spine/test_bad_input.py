@@ -48,7 +48,7 @@ def test_unknown_key_in_recipe_file(tmp_path, capsys):
 def test_unknown_quantizer_name(tmp_path, capsys):
     assert _fit(tmp_path, "--model.quant.weight=absmax_ternery") == 2
     err = capsys.readouterr().err
-    assert "unknown weight quantizer 'absmax_ternery'" in err and "absmean_ternary" in err
+    assert "unknown quantization scheme 'absmax_ternery'" in err and "absmean_ternary" in err
     _assert_nothing_trained(tmp_path)
 
 
