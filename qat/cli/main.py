@@ -49,6 +49,15 @@ def _option_name_with_underscores(arg: str) -> str:
     return "--" + name[2:].replace("-", "_") + sep + value
 
 
+# Boolean switches typed bare (`qat export CKPT --force`); jsonargparse wants a value for a bool.
+BARE_SWITCHES = ("--force",)
+
+
+def _bare_switches_with_values(args: list[str]) -> list[str]:
+    return [a + "=true" if a in BARE_SWITCHES and (i + 1 == len(args) or args[i + 1].lower() not in ("true", "false"))
+            else a for i, a in enumerate(args)]
+
+
 def usage() -> str:
     verbs = ", ".join((*LIGHTNING_VERBS, PIPELINE_VERB, *DISTILL_VERBS, *COMMANDS))
     return f"usage: qat <verb> [--help] ...\nverbs: {verbs}"
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from jsonargparse import auto_cli
 
         module, function = COMMANDS[verb].split(":")
-        auto_cli(getattr(importlib.import_module(module), function), args=[_option_name_with_underscores(a) for a in rest],
+        auto_cli(getattr(importlib.import_module(module), function), args=_bare_switches_with_values([_option_name_with_underscores(a) for a in rest]),
                  as_positional=True)
         return 0
     except QATError as e:
