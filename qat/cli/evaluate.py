@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from qat.checkpoint.deepspeed import is_deepspeed_checkpoint
@@ -111,7 +112,7 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
     agreement_error = None
     if export_dir is not None and trained is not None:
         # Checked before the long evaluation: a wrong export fails fast.
-        ids = torch.as_tensor(blocks[:batch_size], dtype=torch.long)
+        ids = torch.tensor(np.asarray(blocks[:batch_size]), dtype=torch.long)  # copy: blocks may be a read-only memmap
         with torch.no_grad():
             reference = trained.model(input_ids=ids).logits
             results["agreement"] = logits_agreement(reference, exported(input_ids=ids).logits)
