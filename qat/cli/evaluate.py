@@ -114,7 +114,7 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
         # Checked before the long evaluation: a wrong export fails fast.
         ids = torch.tensor(np.asarray(blocks[:batch_size]), dtype=torch.long)  # copy: blocks may be a read-only memmap
         with torch.no_grad():
-            reference = trained.model(input_ids=ids).logits
+            reference = fmt.reference(trained.model)(input_ids=ids).logits
             results["agreement"] = logits_agreement(reference, exported(input_ids=ids).logits)
         agreement_error = check_agreement(results["agreement"], manifest.get("dtype", "float32"),
                                           float(reference.abs().max()))

@@ -33,6 +33,8 @@ class ExportFormat:
         bits_per_weight: stored bits per quantized linear weight, measured from the folder's files (None for
             full-precision formats).
         packed_kernels: the loaded model also runs on qat's packed kernels (``qat eval`` reports both).
+        reference: ``reference(model)`` is the source model as the format stores it, where the format rounds
+            something by design (GGUF's fp16 block scales); ``qat eval`` compares the export against it.
         uses_dtype: ``--dtype`` sets the precision of the unpacked tensors (else they are stored as the format
             fixes them, recorded as float32).
     """
@@ -47,6 +49,7 @@ class ExportFormat:
     bits_per_weight: Callable[[Path], Optional[float]]
     packed_kernels: bool = False
     uses_dtype: bool = False
+    reference: Callable[[nn.Module], nn.Module] = lambda model: model
 
 
 def model_quant(model: nn.Module) -> Optional[QuantConfig]:

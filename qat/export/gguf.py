@@ -270,6 +270,20 @@ def file_bits_per_weight(folder: Path) -> float:
     return bits / weights
 
 
+def fp16_scale_reference(model: nn.Module) -> nn.Module:
+    """``model`` on qat's packed layers with each scale rounded to fp16, as the TQ blocks store it: the model a GGUF
+    export holds exactly (fp16 rounding of the scales, 2^-11 relative, can move logits by percents through the
+    int8 activation quantizers of a small random model)."""
+    from qat.nn.packed_linear import pack_model
+
+    packed = pack_model(model)
+    with torch.no_grad():
+        for module in packed.modules():
+            if isinstance(module, PackedLinear):
+                module.scale.copy_(module.scale.half().float())
+    return packed
+
+
 def _format(qtype: str) -> ExportFormat:
     return ExportFormat(
         name=f"gguf-{qtype}",
@@ -277,7 +291,8 @@ def _format(qtype: str) -> ExportFormat:
         runtime=f"llama.cpp (`llama-cli -m {gguf_file_name(qtype)}`, BitNet architecture); qat "
                 "(`qat.export.gguf.load_gguf_export`)",
         loading_code="from qat.export.gguf import load_gguf_export\nmodel = load_gguf_export(path)",
-        check=check, write=_writer(qtype), load=load_gguf_export, bits_per_weight=file_bits_per_weight)
+        check=check, write=_writer(qtype), load=load_gguf_export, bits_per_weight=file_bits_per_weight,
+        reference=fp16_scale_reference)
 
 
 TQ2_0, TQ1_0 = _format("tq2_0"), _format("tq1_0")
