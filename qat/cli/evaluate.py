@@ -74,8 +74,9 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
     """Evaluate on the held-out split of the data the model was trained on.
 
     An export is checked first: every file against the SHA-256 in its manifest, then its logits against its
-    source checkpoint's (when present) on the first batch of held-out blocks; a disagreement beyond the format's
-    tolerance (:data:`qat.eval.agreement.AGREEMENT_TOLERANCES`) is an error after eval.json is written.
+    source checkpoint's (when present) on the first batch of held-out blocks; a disagreement beyond the tolerance
+    of its storage precision (:data:`qat.eval.agreement.AGREEMENT_TOLERANCES`) is an error, raised before the
+    held-out evaluation, once eval.json holds the agreement.
 
     Args:
         path: an exported folder (from `qat export`; its source checkpoint is evaluated too when present) or a
@@ -118,10 +119,15 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
             results["agreement"] = logits_agreement(reference, exported(input_ids=ids).logits)
         agreement_error = check_agreement(results["agreement"], manifest.get("dtype", "float32"),
                                           float(reference.abs().max()))
+    if agreement_error:
+        (export_dir / EVAL_FILE).write_text(json.dumps(results, indent=2))
+        update_manifest_files(export_dir, [EVAL_FILE])
+        print(json.dumps(results, indent=2))
+        raise ExportError(agreement_error)
     if trained is not None:
         results["qat_model"] = heldout_metrics(lambda ids: trained.model(input_ids=ids).logits, blocks, batch_size,
                                                bpt, desc="eval qat model")
-    if export_dir is not None and agreement_error is None:
+    if export_dir is not None:
         results["exported"] = heldout_metrics(lambda ids: exported(input_ids=ids).logits, blocks, batch_size, bpt,
                                               desc="eval exported")
         if fmt.packed_kernels:
@@ -131,15 +137,9 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
             packed = pack_model(exported)
             results["packed_kernels"] = heldout_metrics(lambda ids: packed(input_ids=ids).logits, blocks, batch_size,
                                                         bpt, desc="eval packed kernels")
-    if export_dir is not None:
         (export_dir / EVAL_FILE).write_text(json.dumps(results, indent=2))
-        written = [EVAL_FILE]
-        if agreement_error is None:
-            name = (manifest.get("provenance") or {}).get("run_name") or export_dir.name
-            (export_dir / CARD_FILE).write_text(render_model_card(name, manifest, results))
-            written.append(CARD_FILE)
-        update_manifest_files(export_dir, written)
+        name = (manifest.get("provenance") or {}).get("run_name") or export_dir.name
+        (export_dir / CARD_FILE).write_text(render_model_card(name, manifest, results))
+        update_manifest_files(export_dir, [EVAL_FILE, CARD_FILE])
     print(json.dumps(results, indent=2))
-    if agreement_error:
-        raise ExportError(agreement_error)
     return results
