@@ -69,6 +69,12 @@ def test_the_working_directory_and_the_run_folder_are_refused(tmp_path, ternary,
     for out in (".", str(tmp_path)):
         with pytest.raises(ExportError, match="working directory"):
             export_model(ternary, tokenizer_files, out, force=True)
+    # Even a previous export is not replaced while it is the working directory.
+    previous = export_model(ternary, tokenizer_files, tmp_path / "previous")
+    monkeypatch.chdir(previous)
+    with pytest.raises(ExportError, match="working directory"):
+        export_model(ternary, tokenizer_files, ".", force=True)
+    assert (previous / EXPORT_MANIFEST).is_file()
     monkeypatch.chdir(tmp_path)
     for out in (run, run / "checkpoints"):
         with pytest.raises(ExportError, match="source checkpoint"):
