@@ -52,6 +52,8 @@ def classify_path(path: str) -> str:
         raise CheckpointError(f"no such path: {path}; pass an export folder (`qat export`) or a training checkpoint")
     if is_export(p):
         return "export"
+    if p.is_file() and is_export(p.parent):
+        raise CheckpointError(f"{path} is one file of the qat export {p.parent}; pass the folder: qat eval {p.parent}")
     if p.is_file() or is_deepspeed_checkpoint(p):
         return "checkpoint"
     raise CheckpointError(f"{path} is not a qat export or checkpoint (no qat_export.json, not a .ckpt file or "

@@ -33,6 +33,13 @@ def test_a_missing_path_and_a_random_folder_are_named(tmp_path):
     _assert_clean_error(run_qat("eval", str(tmp_path / "random")), "not a qat export or checkpoint")
 
 
+def test_a_file_of_an_export_points_to_its_folder(ternary_checkpoint, tmp_path, capsys):
+    out = tmp_path / "export"
+    _export(ternary_checkpoint, out)
+    assert main(["eval", str(out / "model.safetensors")]) == 2
+    assert f"pass the folder: qat eval {out}" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_tampered_export_and_a_corrupt_header_are_one_line_errors(ternary_checkpoint, tmp_path):
     out = tmp_path / "export"
