@@ -95,3 +95,11 @@ def test_a_changed_source_checkpoint_is_named(ternary_checkpoint, tmp_path, caps
     assert main(["eval", str(out), "--max_blocks", "2"]) == 2
     assert "holds other weights" in capsys.readouterr().err
     assert EXPORT_MANIFEST in {p.name for p in out.iterdir()}
+
+
+def test_generate_refuses_a_tampered_export(ternary_checkpoint, tmp_path, capsys):
+    out = tmp_path / "export"
+    _export(ternary_checkpoint, out)
+    (out / "config.json").write_text((out / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 65'))
+    assert main(["generate", str(out), "The"]) == 2
+    assert "config.json does not match the SHA-256" in capsys.readouterr().err
