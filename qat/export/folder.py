@@ -75,8 +75,8 @@ def check_export_target(out_dir: str | Path, force: bool = False, protected: Ite
         if _is_within(p, out):
             raise ExportError(f"--out_dir {out_dir} holds {p} (the source checkpoint or its run folder); "
                               "pass a new folder such as <run>/export-<format>")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ExportError(f"--out_dir {out_dir} is a file or a symlink, not a folder; pass a new folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out_dir {out_dir} is a file, not a folder; pass a new folder")
     if out.is_dir() and any(out.iterdir()):
         if not is_export(out):
             raise ExportError(f"--out_dir {out_dir} is a non-empty folder that is not a qat export (no "
