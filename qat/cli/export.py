@@ -9,9 +9,9 @@ from qat.checkpoint.trained import TrainedModel, load_trained_model
 from qat.errors import CheckpointError
 from qat.export.api import export_model
 from qat.export.folder import check_export_target
-from qat.export.formats import default_format_name, get_format
+from qat.export.formats import EXPORT_FORMATS, default_format_name, get_format
 
-Format = Literal["hf", "hf-fp", "gguf-tq2_0", "gguf-tq1_0", "binary"]
+Format = Literal[tuple(EXPORT_FORMATS)]  # the choices come from the table of formats
 
 
 def provenance(trained: TrainedModel, checkpoint: str | Path) -> dict:

@@ -134,13 +134,15 @@ def test_a_read_only_parent_is_a_one_line_error(tmp_path, ternary, tokenizer_fil
         parent.chmod(0o755)
 
 
-@pytest.mark.parametrize("name", ["../escaped.json", "/tmp/qat-abs-escape.json", "sub/dir.json", ".."])
+@pytest.mark.parametrize("name", ["../escaped.json", "<absolute>", "sub/dir.json", ".."])
 def test_tokenizer_file_names_with_folders_are_refused(tmp_path, ternary, tokenizer_files, name):
+    absolute = tmp_path / "abs-escape.json"
+    name = str(absolute) if name == "<absolute>" else name
     crafted = {**tokenizer_files, name: "{}"}
     with pytest.raises(ExportError, match="unsafe tokenizer file name"):
         export_model(ternary, crafted, tmp_path / "a" / "export")
     assert not (tmp_path / "a" / "escaped.json").exists() and not (tmp_path / "escaped.json").exists()
-    assert not os.path.exists("/tmp/qat-abs-escape.json")
+    assert not absolute.exists()
     assert not (tmp_path / "a" / "export").exists() and not _leftovers(tmp_path / "a")
 
 
@@ -211,3 +213,18 @@ def test_qat_export_refuses_the_run_folder_and_the_working_directory(ternary_che
     assert "--force" in capsys.readouterr().err
     assert main(["export", str(ternary_checkpoint), "--force"]) == 0
     assert verify_export(run / "export-hf")["provenance"]["run_name"] == "tiny"
+
+
+@pytest.mark.parametrize("name", ["hf", "hf-fp", "gguf-tq2_0", "gguf-tq1_0", "binary"])
+def test_each_format_refuses_a_model_it_cannot_hold_and_names_the_format_that_can(tmp_path, tokenizer_files, name):
+    from qat.export.formats import EXPORT_FORMATS
+
+    assert set(EXPORT_FORMATS) == {"hf", "hf-fp", "gguf-tq2_0", "gguf-tq1_0", "binary"}
+    models = {"hf-fp": tiny_model(None), "binary": tiny_model(QuantConfig(weight="fbi_binary", activation="none"),
+                                                              family="llama")}
+    for right, model in models.items():
+        if right == name:
+            continue
+        with pytest.raises(ExportError, match=f"--format {right}"):
+            export_model(model, tokenizer_files, tmp_path / "export", name)
+        assert not (tmp_path / "export").exists()
