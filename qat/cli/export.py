@@ -1,63 +1,58 @@
-"""``qat export CHECKPOINT [OUT_DIR] --format hf|hf-fp|gguf-tq2_0|gguf-tq1_0``: pack a trained checkpoint."""
+"""``qat export CHECKPOINT [--out_dir D] [--format F] [--force]``: pack a trained checkpoint into a published
+format (:mod:`qat.export.formats`)."""
 
 from pathlib import Path
 from typing import Literal, Optional
 
-from qat.errors import ExportError
-from qat.checkpoint.trained import load_trained_model
-from qat.export.hf_bitnet import export_hf_bitnet, linear_bits_per_weight, write_export_folder
-from qat.export.model_card import render_model_card
+from qat.checkpoint.layout import RunLayout
+from qat.checkpoint.trained import TrainedModel, load_trained_model
+from qat.errors import CheckpointError
+from qat.export.api import export_model
+from qat.export.folder import check_export_target
+from qat.export.formats import EXPORT_FORMATS, default_format_name, get_format
 
-Format = Literal["hf", "hf-fp", "gguf-tq2_0", "gguf-tq1_0", "binary"]
-
-
-def default_export_dir(checkpoint: str, fmt: str) -> Path:
-    """``runs/<name>/checkpoints/last.ckpt`` -> ``runs/<name>/export-<fmt>``."""
-    ckpt = Path(checkpoint)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return run_dir / f"export-{fmt}"
+Format = Literal[tuple(EXPORT_FORMATS)]  # the choices come from the table of formats
 
 
-def export(checkpoint: str, out_dir: Optional[str] = None, format: Format = "hf", dtype: str = "bfloat16") -> str:
+def provenance(trained: TrainedModel, checkpoint: str | Path) -> dict:
+    """What the manifest and model card record about where an export came from (no local paths in the card)."""
+    hp = trained.hparams
+    teacher = hp.get("teacher")
+    return {"run_name": RunLayout.of_checkpoint(checkpoint).name, "global_step": trained.global_step,
+            "source_checkpoint": str(checkpoint), "data": trained.data_hparams, "optim": hp.get("optim"),
+            "teacher": teacher, "distill": hp.get("distill") if teacher else None}
+
+
+def export(checkpoint: str, out_dir: Optional[str] = None, format: Optional[Format] = None, dtype: str = "bfloat16",
+           force: bool = False) -> str:
     """Pack a `qat fit` checkpoint (.ckpt file or DeepSpeed checkpoint folder) into a published format.
 
     Args:
         checkpoint: training checkpoint, e.g. runs/bitnet-b158-tiny/checkpoints/last.ckpt.
-        out_dir: output folder (default: runs/<name>/export-<format>).
+        out_dir: output folder (default: runs/<name>/export-<format>). It must be new, empty, or a previous qat
+            export (replaced only with --force); any other folder is refused, never emptied.
         format: hf (HF BitNet, 2-bit packed), hf-fp (plain HF folder, for full-precision runs),
             gguf-tq2_0 / gguf-tq1_0 (llama.cpp ternary GGUF), binary (fbi_binary/onebit runs: 1 bit/weight +
-            scales, loads through qat only).
-        dtype: dtype of the tensors that stay unpacked (embeddings, norms, lm_head, scales).
+            scales, loads through qat only). Default: the format the checkpoint's quantization scheme exports to.
+        dtype: dtype of the tensors that stay unpacked (embeddings, norms, lm_head, scales) in hf / hf-fp.
+        force: replace a previous qat export at out_dir.
 
     Raises:
-        ExportError: the checkpoint cannot be written in that format (e.g. not ternary for hf/gguf).
+        ExportError: the checkpoint cannot be written in that format, or out_dir may not be replaced.
     """
+    if not Path(checkpoint).exists():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist (no such path); pass a .ckpt file or DeepSpeed checkpoint folder written "
+                              "by `qat fit` (e.g. runs/<name>/checkpoints/last.ckpt)")
+    layout = RunLayout.of_checkpoint(checkpoint)
+    protected = [checkpoint, layout.run_dir]
+    if format:
+        get_format(format)
+    if out_dir:  # refuse a wrong target before the (slow) checkpoint load
+        check_export_target(out_dir, force, protected)
     trained = load_trained_model(checkpoint)
-    out = Path(out_dir) if out_dir else default_export_dir(checkpoint, format)
-    manifest = {"format": format, "source_checkpoint": str(Path(checkpoint).resolve()),
-                "global_step": trained.global_step, "data": trained.data_hparams}
-    name = out.parent.name if out.parent.name != "." else out.name
-    if format == "hf":
-        export_hf_bitnet(trained, out, dtype=dtype, manifest=manifest)
-        bits = linear_bits_per_weight(out)
-        (out / "README.md").write_text(render_model_card(name, "hf-bitnet", trained, bits, source=checkpoint))
-    elif format == "hf-fp":
-        if trained.quant is not None:
-            raise ExportError("--format hf-fp writes full-precision models; this checkpoint is quantized, use --format hf")
-        from qat.export.hf_bitnet import DTYPES
-        state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in trained.model.state_dict().items()}
-        if trained.arch.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        config = trained.model.config.to_dict()
-        config["dtype"] = dtype
-        config["architectures"] = [type(trained.model).__name__]
-        write_export_folder(out, state, config, trained.tokenizer_files,
-                            render_model_card(name, "hf-fp", trained, None, source=checkpoint), manifest)
-    elif format == "binary":
-        from qat.export.binary import export_binary
-        export_binary(trained, out, manifest=manifest, source=checkpoint)
-    else:
-        from qat.export.gguf import export_gguf_from_trained
-        out = export_gguf_from_trained(trained, out, format.split("-", 1)[1], manifest=manifest)
-    print(f"exported {checkpoint} -> {out}")
-    return str(out)
+    fmt = format or default_format_name(trained.quant.weight if trained.quant else None)
+    out = Path(out_dir) if out_dir else layout.export_dir(fmt)
+    folder = export_model(trained.model, trained.tokenizer_files, out, fmt, dtype=dtype, force=force,
+                          protected=protected, **provenance(trained, checkpoint))
+    print(f"exported {checkpoint} -> {folder}")
+    return str(folder)

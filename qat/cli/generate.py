@@ -21,11 +21,14 @@ def generate(model: str, prompt: str, max_new_tokens: int = 32, packed: bool = T
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from qat.export.folder import is_export, verify_export
     from qat.nn.packed_linear import pack_model
 
     if not Path(model, "config.json").is_file():
         raise CheckpointError(f"{model!r} is not an HF model folder (no config.json); export one with "
                               "`qat export --format hf` first")
+    if is_export(model):
+        verify_export(model)          # a qat export: its files must be the ones it was written with
     if threads:
         torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model)

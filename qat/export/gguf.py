@@ -2,13 +2,17 @@
 
 Written with the ``gguf`` package's ``GGUFWriter``; tensor names come from ``gguf.get_tensor_name_map`` for
 ``MODEL_ARCH.BITNET`` (plus the HF names it lacks: the SubLN norms and ``lm_head``). Quantized linear layers
-(``BitLinear`` or ``PackedLinear``) are written as TQ blocks that hold exactly their codes and fp16 scales;
-everything else (embeddings, norms, lm_head) as F32. The file is written to a temporary name and renamed.
+(qat's quantized layers or ``PackedLinear``) are written as TQ blocks that hold exactly their codes and fp16
+scales; everything else (embeddings, norms, lm_head) as F32. The file is written to a temporary name and renamed.
+
+The export folder (formats ``gguf-tq2_0`` / ``gguf-tq1_0``) holds ``model-<qtype>.gguf``, the tokenizer files and
+``gguf_model.json`` (the HF config and quantization); :func:`load_gguf_export` rebuilds the model from the GGUF
+tensors with gguf's reader (on qat's packed layers), which is what ``qat eval`` runs.
 """
 
 import json
 import os
-import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import gguf
@@ -17,10 +21,11 @@ import torch
 from torch import nn
 
 from qat.errors import ExportError
-from qat.paths import atomic_write_bytes
-from qat.nn.bitlinear import BitLinear
+from qat.export.exporter import ExportFormat, model_quant, model_scheme
+from qat.export.folder import check_finite
 from qat.nn.packed_linear import PackedLinear
-from qat.pack.gguf_ternary import TQ_TYPES, block_scales, pack_tq
+from qat.nn.quantized import QuantizedLinear
+from qat.pack.gguf_ternary import TQ_TYPES, block_scales, pack_tq, unpack_tq
 
 FILE_TYPES = {"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0}
 # HF BitNetForCausalLM names that gguf's TensorNameMap (written for the original 1bitLLM names) does not know.
@@ -32,7 +37,7 @@ def ternary_layers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
     """``{module name: (codes (out, in), scale (out, groups) or (1, 1), group_size)}`` of the quantized layers."""
     layers = {}
     for name, module in model.named_modules():
-        if isinstance(module, BitLinear):
+        if isinstance(module, QuantizedLinear):
             with torch.no_grad():
                 codes, scale = module.quantized_weight()
             group = module.quant.group_size if module.quant.granularity == "group" else module.in_features
@@ -98,7 +103,7 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, qtype: str = 
                           f"{getattr(config, 'model_type', type(model).__name__)!r}. Train with model.arch.family: bitnet")
     layers = ternary_layers(model)
     if not layers:
-        raise ExportError("the model has no BitLinear/PackedLinear layers; export the QAT model, not the base model")
+        raise ExportError("the model has no quantized/PackedLinear layers; export the QAT model, not the base model")
     for name, module in model.named_modules():
         if name in layers and getattr(module, "rms_norm", None) is not None:
             raise ExportError(f"{name} normalises its own input (norm_placement: inlayer), which llama.cpp's BitNet "
@@ -110,6 +115,7 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, qtype: str = 
     n_layers = config.num_hidden_layers
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BITNET, n_layers)
     # Check every layer before writing anything.
+    check_finite(model.state_dict())
     tensors = []
     for name, tensor in model.state_dict().items():
         module_name = name.rsplit(".", 1)[0]
@@ -155,25 +161,138 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, qtype: str = 
     return out_file
 
 
-def export_gguf_from_trained(trained, out_dir: str | Path, qtype: str, manifest: dict | None = None) -> Path:
-    """``qat export --format gguf-<qtype>``: ``out_dir/model-<qtype>.gguf`` (+ the export manifest) from a
-    :class:`qat.checkpoint.trained.TrainedModel`; returns ``out_dir``.
+GGUF_CONFIG = "gguf_model.json"
+
+
+def gguf_file_name(qtype: str) -> str:
+    return f"model-{qtype}.gguf"
+
+
+def check(model: nn.Module) -> None:
+    """ExportError naming why ``model`` is not held exactly by llama.cpp's BitNet graph with TQ weights."""
+    scheme = model_scheme(model)
+    if scheme is None:
+        raise ExportError("GGUF TQ1_0/TQ2_0 hold ternary weights; this model is full precision. Use --format hf-fp")
+    if not any(f.startswith("gguf-") for f in scheme.export_formats):
+        raise ExportError(f"weight scheme {scheme.name!r} ({scheme.description}) is not held exactly by GGUF TQ "
+                          f"blocks (ternary codes, one fp16 scale per 256 weights). Use --format "
+                          f"{scheme.default_export}")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type != "bitnet":
+        raise ExportError(f"GGUF export writes llama.cpp's BitNet graph; this model is {model_type!r}. Train with "
+                          "model.arch.family: bitnet, or use --format " + scheme.default_export)
+    if model_quant(model).norm_placement == "inlayer":
+        raise ExportError("the quantized layers normalise their own input (norm_placement: inlayer), which "
+                          "llama.cpp's BitNet graph has no tensor for; GGUF export needs norm_placement: subln")
+
+
+def _writer(qtype: str):
+    def write(model: nn.Module, folder: Path, dtype: str) -> None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))       # the shared I/O wrote the tokenizer files
+        export_gguf(model, tokenizer, folder / gguf_file_name(qtype), qtype)
+        quant = model_quant(model)
+        meta = {"qtype": qtype, "hf_config": model.config.to_dict(), "quant": asdict(quant),
+                "quantized_layers": sorted(ternary_layers(model))}
+        (folder / GGUF_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return write
+
+
+def _gguf_files(folder: Path) -> tuple[dict, Path]:
+    meta_file = folder / GGUF_CONFIG
+    if not meta_file.is_file():
+        raise ExportError(f"{folder} is not a qat GGUF export (no {GGUF_CONFIG}); write one with "
+                          "`qat export CKPT --format gguf-tq2_0`")
+    meta = json.loads(meta_file.read_text())
+    return meta, folder / gguf_file_name(meta["qtype"])
+
+
+def load_gguf_export(folder: str | Path) -> nn.Module:
+    """Rebuild the model of a GGUF export from the GGUF file's tensors (gguf's reader): the ternary layers as qat
+    ``PackedLinear`` over the TQ codes and their per-block fp16 scales, the F32 tensors as they are.
 
     Raises:
-        ExportError: a full-precision checkpoint, no tokenizer, or a model the TQ formats cannot hold.
+        ExportError: not a qat GGUF export, or a tensor missing from the file.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qat.export.hf_bitnet import EXPORT_MANIFEST, write_tokenizer
+    from qat.pack.kernel_layout import TERNARY_BITS, pack_ternary_2bit
 
-    if trained.quant is None:
-        raise ExportError("GGUF TQ1_0/TQ2_0 hold ternary weights; this checkpoint was trained in full precision")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
-        write_tokenizer(trained.tokenizer_files, Path(tokenizer_dir))
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    export_gguf(trained.model, tokenizer, out_dir / f"model-{qtype}.gguf", qtype)
-    if manifest is not None:
-        atomic_write_bytes(out_dir / EXPORT_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
-    return out_dir
+    folder = Path(folder)
+    meta, gguf_file = _gguf_files(folder)
+    try:
+        reader = gguf.GGUFReader(str(gguf_file))
+    except Exception as e:  # gguf raises ValueError/struct errors on a damaged file
+        raise ExportError(f"cannot read {gguf_file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    tensors = {t.name: t for t in reader.tensors}
+    hf = dict(meta["hf_config"])
+    hf.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf), dtype=torch.float32)
+    n_layers = model.config.num_hidden_layers
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BITNET, n_layers)
+    quantized = set(meta["quantized_layers"])
+    activation = meta["quant"]["activation"]
+
+    def tensor(name: str):
+        if name not in tensors:
+            raise ExportError(f"{gguf_file} has no tensor {name!r}; the file does not match {GGUF_CONFIG}")
+        return tensors[name]
+
+    for name in quantized:
+        linear = model.get_submodule(name)
+        t = tensor(gguf_tensor_name(name + ".weight", n_layers, name_map))
+        codes, d = unpack_tq(np.asarray(t.data), t.tensor_type, (linear.out_features, linear.in_features))
+        model.set_submodule(name, PackedLinear(linear.in_features, linear.out_features, TERNARY_BITS,
+                                               pack_ternary_2bit(codes), d, 256, activation))
+    state = {}
+    for key, param in model.state_dict().items():
+        if key.rsplit(".", 1)[0] in quantized:
+            continue
+        data = torch.from_numpy(np.array(tensor(gguf_tensor_name(key, n_layers, name_map)).data, dtype=np.float32))
+        state[key] = data.reshape(param.shape)
+    model.load_state_dict(state, strict=False)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def file_bits_per_weight(folder: Path) -> float:
+    """Stored bits per ternary weight of the GGUF file's TQ tensors (block bytes * 8 / weights)."""
+    _, gguf_file = _gguf_files(Path(folder))
+    bits = weights = 0
+    for t in gguf.GGUFReader(str(gguf_file)).tensors:
+        if t.tensor_type in TQ_TYPES.values():
+            bits += int(t.n_bytes) * 8
+            weights += int(t.n_elements)
+    if not weights:
+        raise ExportError(f"{gguf_file} holds no TQ tensors")
+    return bits / weights
+
+
+def fp16_scale_reference(model: nn.Module) -> nn.Module:
+    """``model`` on qat's packed layers with each scale rounded to fp16, as the TQ blocks store it: the model a GGUF
+    export holds exactly (fp16 rounding of the scales, 2^-11 relative, can move logits by percents through the
+    int8 activation quantizers of a small random model)."""
+    from qat.nn.packed_linear import pack_model
+
+    packed = pack_model(model)
+    with torch.no_grad():
+        for module in packed.modules():
+            if isinstance(module, PackedLinear):
+                module.scale.copy_(module.scale.half().float())
+    return packed
+
+
+def _format(qtype: str) -> ExportFormat:
+    return ExportFormat(
+        name=f"gguf-{qtype}",
+        description=f"llama.cpp GGUF, BitNet graph, {qtype.upper()} ternary blocks (256 weights, one fp16 scale)",
+        runtime=f"llama.cpp (`llama-cli -m {gguf_file_name(qtype)}`, BitNet architecture); qat "
+                "(`qat.export.gguf.load_gguf_export`)",
+        loading_code="from qat.export.gguf import load_gguf_export\nmodel = load_gguf_export(path)",
+        check=check, write=_writer(qtype), load=load_gguf_export, bits_per_weight=file_bits_per_weight,
+        reference=fp16_scale_reference)
+
+
+TQ2_0, TQ1_0 = _format("tq2_0"), _format("tq1_0")

@@ -1,46 +1,55 @@
-"""The model card (README.md) of an exported folder: what the model is, how it was trained, how to load it."""
+"""The model card (README.md) of every export: what the model is (by its quantization scheme), how it was
+trained, how to load it, and its evaluation once ``qat eval`` ran. No local paths: provenance is the run name and
+checkpoint step."""
 
 import json
-from typing import Any, Optional
-
-RUNTIMES = {
-    "hf-bitnet": ("HF transformers >= 4.57 (`AutoModelForCausalLM.from_pretrained`, needs `accelerate`); "
-                  "convertible to GGUF TQ1_0/TQ2_0 for llama.cpp with `qat export --format gguf-tq2_0`"),
-    "hf-fp": "HF transformers (`AutoModelForCausalLM.from_pretrained`)",
-}
+from typing import Any, Mapping, Optional
 
 
-def render_model_card(name: str, fmt: str, trained: Any, bits_per_weight: Optional[float],
-                      evaluation: Optional[dict] = None, source: str = "") -> str:
-    arch, quant = trained.arch, trained.quant
-    data = trained.data_hparams or {}
-    lines = [
-        f"# {name}", "",
-        f"Trained with [qat](https://github.com/) ({'ternary BitNet b1.58 QAT' if quant else 'full precision'}), "
-        f"exported as `{fmt}`.", "",
-        "## Model", "",
-        f"- architecture: `{arch.family}` — hidden {arch.hidden_size}, {arch.num_hidden_layers} layers, "
-        f"{arch.num_attention_heads} heads, FFN {arch.intermediate_size}, vocab {arch.vocab_size}",
-        f"- quantization: `{json.dumps(quant.__dict__) if quant else 'none'}`",
-        f"- linear-layer storage: {bits_per_weight:.4f} bits/weight" if bits_per_weight else "- linear-layer storage: 16/32-bit",
-        f"- training steps: {trained.global_step}; source checkpoint: `{source}`",
-        f"- optimizer/schedule: `{json.dumps(trained.hparams.get('optim', {}))}`", "",
-        "## Data", "",
-        f"- train/validation files: {data.get('train_files') or 'built-in Wikipedia corpus (gensim test data, 105 articles, every 10th held out)'}",
-        f"- tokenizer: `{data.get('tokenizer', '?')}`, block length {data.get('seq_len', '?')}", "",
-        "## Loading", "",
-        f"- runtimes: {RUNTIMES.get(fmt, fmt)}",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(path, device_map='cpu')",
-        "tok = AutoTokenizer.from_pretrained(path)",
-        "```", "",
-    ]
+def render_model_card(name: str, manifest: Mapping[str, Any], evaluation: Optional[Mapping[str, Any]] = None) -> str:
+    """Markdown for an export whose manifest (``qat_export.json`` contents) is ``manifest``."""
+    from qat.export.formats import get_format
+
+    fmt = get_format(manifest["format"])
+    model = manifest.get("model") or {}
+    scheme = manifest.get("scheme")
+    prov = manifest.get("provenance") or {}
+    data = prov.get("data") or {}
+    bits = manifest.get("bits_per_weight")
+    what = (f"quantized with `{scheme['name']}`: {scheme['description']}" if scheme
+            else "full precision (no quantized layers)")
+    lines = [f"# {name}", "", f"Causal LM trained with qat, {what}. Exported as `{fmt.name}`: {fmt.description}.", "",
+             "## Model", "",
+             f"- architecture: `{model.get('model_type', '?')}` — hidden {model.get('hidden_size', '?')}, "
+             f"{model.get('num_hidden_layers', '?')} layers, {model.get('num_attention_heads', '?')} heads, "
+             f"FFN {model.get('intermediate_size', '?')}, vocab {model.get('vocab_size', '?')}"]
+    if scheme:
+        lines.append(f"- quantization: `{json.dumps(manifest.get('quant'))}` ({scheme['levels_count']} levels, "
+                     f"{scheme['bits']} bits of information per weight)")
+        lines.append(f"- linear-layer storage (measured from the file): {bits:.4f} bits/weight" if bits is not None
+                     else "- linear-layer storage: see the weights file")
+    else:
+        lines.append(f"- storage: `{manifest.get('dtype', '?')}` tensors")
+    lines += ["", "## Training", ""]
+    if prov.get("run_name") or prov.get("global_step") is not None:
+        lines.append(f"- run `{prov.get('run_name', '?')}`, checkpoint at step {prov.get('global_step', '?')}")
+    teacher = prov.get("teacher")
+    if teacher:
+        lines.append(f"- autoregressive distillation from `{teacher.get('source', '?')}` "
+                     f"({json.dumps(prov.get('distill'))})")
+    if prov.get("optim"):
+        lines.append(f"- optimizer/schedule: `{json.dumps(prov['optim'])}`")
+    if data:
+        files = data.get("train_files")
+        lines.append(f"- data: {'user files' if files else 'built-in Wikipedia corpus (gensim test data)'}, "
+                     f"tokenizer `{data.get('tokenizer', '?')}`, block length {data.get('seq_len', '?')}")
+    lines += ["", "## Loading", "", f"Runtimes: {fmt.runtime}.", "", "```python", fmt.loading_code, "```", ""]
     if evaluation:
         lines += ["## Evaluation (held-out split)", "", "| model | perplexity | bits/byte | tokens |", "|---|---|---|---|"]
         for key, m in evaluation.items():
             if isinstance(m, dict) and "perplexity" in m:
-                lines.append(f"| {key} | {m['perplexity']:.3f} | {m.get('bits_per_byte', float('nan')):.4f} | {m['tokens']} |")
+                lines.append(f"| {key} | {m['perplexity']:.3f} | {m.get('bits_per_byte', float('nan')):.4f} | "
+                             f"{m['tokens']} |")
         if "agreement" in evaluation:
             a = evaluation["agreement"]
             lines += ["", f"Exported vs training model: max |Δlogit| {a['max_abs_logit_diff']:.2e}, "

@@ -6,7 +6,8 @@ from safetensors import safe_open
 
 from qat.checkpoint.trained import TrainedModel
 from qat.errors import ExportError
-from qat.export.binary import export_binary, load_binary_export
+from qat.export import export_model
+from qat.export.binary import load_binary_export
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
 
@@ -40,7 +41,7 @@ def _trained(weight: str, tied: bool, tmp_path) -> TrainedModel:
 @pytest.mark.parametrize("weight,tied", [("fbi_binary", True), ("onebit", False)])
 def test_packed_1bit_export_reloads_with_bit_identical_logits(tmp_path, weight, tied):
     trained = _trained(weight, tied, tmp_path)
-    out = export_binary(trained, tmp_path / "export")
+    out = export_model(trained.model, trained.tokenizer_files, tmp_path / "export", "binary")
     reloaded = load_binary_export(out)
     ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -70,17 +71,19 @@ def test_packed_1bit_export_reloads_with_bit_identical_logits(tmp_path, weight, 
 def test_hf_transformers_refuses_the_binary_folder(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    out = export_binary(_trained("fbi_binary", True, tmp_path), tmp_path / "export")
+    trained = _trained("fbi_binary", True, tmp_path)
+    out = export_model(trained.model, trained.tokenizer_files, tmp_path / "export")   # default: binary
     # transformers' message for an unregistered model_type: the folder is refused before any weight is read.
     with pytest.raises(ValueError, match="model type `qat-binary` but Transformers does not recognize"):
         AutoModelForCausalLM.from_pretrained(str(out))
 
 
 def test_non_binary_checkpoint_is_refused_with_the_right_format(tmp_path):
-    trained = _trained("fbi_binary", True, tmp_path)
-    trained.quant = None
+    fp_model = build_model(ArchConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     with pytest.raises(ExportError, match="hf-fp"):
-        export_binary(trained, tmp_path / "x")
+        export_model(fp_model, _tokenizer_files(tmp_path), tmp_path / "x", "binary")
+    assert not (tmp_path / "x").exists()
     with pytest.raises(ExportError, match="not a qat binary export"):
         load_binary_export(tmp_path)
 
@@ -91,7 +94,6 @@ def test_bitnet_binary_exports_to_hf_and_runs_on_the_1bit_kernels(tmp_path):
     model's logits, and pack_model repacks every layer at 1 bit with the same logits and greedy tokens."""
     from transformers import AutoModelForCausalLM
 
-    from qat.export.hf_bitnet import export_hf_bitnet
     from qat.nn.packed_linear import PackedLinear, pack_model
 
     torch.manual_seed(0)
@@ -100,7 +102,7 @@ def test_bitnet_binary_exports_to_hf_and_runs_on_the_1bit_kernels(tmp_path):
     quant = QuantConfig(weight="absmean_binary")
     model = convert_to_qat(build_model(arch), quant).eval()
     trained = TrainedModel(model=model, arch=arch, quant=quant, tokenizer_files=_tokenizer_files(tmp_path))
-    out = export_hf_bitnet(trained, tmp_path / "hf", dtype="float32")
+    out = export_model(model, trained.tokenizer_files, tmp_path / "hf", dtype="float32")   # default: hf
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     packed = pack_model(reloaded)
     layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]

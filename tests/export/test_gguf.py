@@ -92,3 +92,33 @@ def test_qat_export_cli_writes_gguf_of_a_trained_run(tiny_ternary_run, tmp_path)
     assert torch.equal(got_codes, codes.to(torch.int8))
     assert torch.all(got_d == scale.reshape(()).half().float())
     assert (out / "qat_export.json").is_file()
+
+
+@pytest.mark.parametrize("qtype", sorted(TQ_TYPES))
+def test_gguf_export_folder_reloads_from_the_gguf_and_evaluates(tmp_path, qtype):
+    """`qat export --format gguf-*` goes through the shared folder I/O; `qat eval` rebuilds the model from the GGUF
+    tensors (gguf's reader) and it computes exactly the checkpoint's model with its scales rounded to fp16."""
+    from qat.checkpoint.trained import load_trained_model
+    from qat.cli.main import main
+    from qat.export.folder import verify_export
+    from qat.export.gguf import load_gguf_export
+    from qat.nn.packed_linear import PackedLinear, pack_model
+    from tests.export.conftest import tiny_model, write_checkpoint
+
+    quant = QuantConfig(granularity="row")
+    ckpt = write_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", tiny_model(quant, hidden=256), quant)
+    out = tmp_path / "gguf"
+    assert main(["export", str(ckpt), "--out_dir", str(out), "--format", f"gguf-{qtype}"]) == 0
+    manifest = verify_export(out)
+    assert manifest["format"] == f"gguf-{qtype}" and f"model-{qtype}.gguf" in manifest["files"]
+    assert manifest["bits_per_weight"] == pytest.approx({"tq2_0": 2.0625, "tq1_0": 1.6875}[qtype])
+    trained = load_trained_model(str(ckpt))
+    ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = pack_model(trained.model)          # independent of the GGUF path: qat's packing of the codes
+    for module in reference.modules():
+        if isinstance(module, PackedLinear):
+            module.scale.copy_(module.scale.half().float())
+    with torch.no_grad():
+        torch.testing.assert_close(load_gguf_export(out)(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   rtol=0, atol=1e-5)
+    assert main(["eval", str(out), "--max_blocks", "2"]) == 0

@@ -1,5 +1,6 @@
 """Bad recipes, data and checkpoints fail fast, with a message that names the problem, before any training."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -73,10 +74,11 @@ def test_export_of_a_full_precision_checkpoint_is_refused(tmp_path):
                   f"--trainer.default_root_dir={run_dir}")
     assert fit.returncode == 0, fit.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    result = run_qat("export", str(ckpt), "--out_dir", str(tmp_path / "out"))
+    result = run_qat("export", str(ckpt), "--out_dir", str(tmp_path / "out"), "--format", "hf")
     assert result.returncode == 2
     assert "full precision" in result.stderr and "hf-fp" in result.stderr
     assert not (tmp_path / "out").exists()
-    # The supported route for a full-precision model works (e.g. to serve as a distillation teacher).
-    assert run_qat("export", str(ckpt), "--out_dir", str(tmp_path / "fp-out"), "--format", "hf-fp").returncode == 0
+    # The supported route for a full-precision model (its default format) works, e.g. for a distillation teacher.
+    assert run_qat("export", str(ckpt), "--out_dir", str(tmp_path / "fp-out")).returncode == 0
+    assert json.loads((tmp_path / "fp-out" / "qat_export.json").read_text())["format"] == "hf-fp"
     assert (tmp_path / "fp-out" / "model.safetensors").is_file()

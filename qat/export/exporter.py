@@ -1,0 +1,80 @@
+"""What every export format declares (:class:`ExportFormat`), and what an exporter asks of a model: its
+quantization scheme, read from its quantized layers (so any model converted by qat exports, not only a
+``TrainedModel``)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from qat.errors import ExportError
+from qat.nn.config import QuantConfig
+from qat.nn.quantized import quantized_layers
+from qat.nn.schemes import Scheme
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export format (a module in ``qat/export/`` builds it; :mod:`qat.export.formats` lists them).
+
+    Attributes:
+        name: the ``--format`` value.
+        description: one line for ``--help`` and the model card.
+        runtime: which runtime loads the folder, for the model card.
+        loading_code: a Python snippet (``path`` = the folder) for the model card.
+        check: ``check(model)`` raises ExportError naming why ``model`` cannot be held exactly, and what to do.
+        write: ``write(model, folder, dtype)`` writes the format's files into ``folder`` (which already holds the
+            tokenizer files); the shared folder I/O does the rest.
+        load: ``load(folder)`` rebuilds the model (eval mode, fp32 compute) in the runtime a user uses.
+        bits_per_weight: stored bits per quantized linear weight, measured from the folder's files (None for
+            full-precision formats).
+        packed_kernels: the loaded model also runs on qat's packed kernels (``qat eval`` reports both).
+        reference: ``reference(model)`` is the source model as the format stores it, where the format rounds
+            something by design (GGUF's fp16 block scales); ``qat eval`` compares the export against it.
+        uses_dtype: ``--dtype`` sets the precision of the unpacked tensors (else they are stored as the format
+            fixes them, recorded as float32).
+    """
+
+    name: str
+    description: str
+    runtime: str
+    loading_code: str
+    check: Callable[[nn.Module], None]
+    write: Callable[[nn.Module, Path, str], None]
+    load: Callable[[Path], nn.Module]
+    bits_per_weight: Callable[[Path], Optional[float]]
+    packed_kernels: bool = False
+    uses_dtype: bool = False
+    reference: Callable[[nn.Module], nn.Module] = lambda model: model
+
+
+def model_quant(model: nn.Module) -> Optional[QuantConfig]:
+    """The QuantConfig shared by ``model``'s quantized layers; None for a full-precision model.
+
+    Raises:
+        ExportError: layers quantized in different ways (no format holds a mix).
+    """
+    quants = {repr(layer.quant): layer.quant for layer in quantized_layers(model).values()}
+    if len(quants) > 1:
+        raise ExportError(f"the model mixes quantization settings {sorted(quants)}; exports hold one scheme")
+    return next(iter(quants.values()), None)
+
+
+def model_scheme(model: nn.Module) -> Optional[Scheme]:
+    """The quantization scheme of ``model`` (None for a full-precision model)."""
+    quant = model_quant(model)
+    if quant is None:
+        return None
+    from qat.nn.schemes import get_scheme
+
+    return get_scheme(quant.weight)
+
+
+def check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]

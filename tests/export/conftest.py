@@ -1,0 +1,54 @@
+"""Tiny real checkpoints for the export tests: a randomly initialised qat model saved exactly as `qat fit` saves
+one (state_dict under ``model.``, hyper-parameters, tokenizer files, data hyper-parameters), on the built-in
+corpus with the cached 4,096-token BPE, so `qat export` / `qat eval` run on it in seconds."""
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+from qat.nn.config import ArchConfig, QuantConfig
+from qat.nn.convert import build_model, convert_to_qat
+
+DATA_HPARAMS = {"train_files": None, "val_files": None, "text_field": "text", "tokenizer": "bpe",
+                "tokenizer_vocab_size": 4096, "seq_len": 64, "batch_size": 2, "max_val_blocks": 0, "num_workers": 0,
+                "seed": 1234, "max_train_blocks": 0}
+
+
+def bpe_tokenizer_files() -> dict[str, str]:
+    from qat.data.datamodule import TextDataModule
+
+    data = TextDataModule(**DATA_HPARAMS)
+    return {p.name: p.read_text() for p in Path(data.tokenizer_path).iterdir() if p.is_file()}
+
+
+def tiny_model(quant: Optional[QuantConfig], hidden: int = 64, family: str = "bitnet", vocab: int = 4096,
+               seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    arch = ArchConfig(family=family, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4)
+    model = build_model(arch)
+    return (convert_to_qat(model, quant) if quant else model).eval()
+
+
+def write_checkpoint(path: Path, model: torch.nn.Module, quant: Optional[QuantConfig], step: int = 7) -> Path:
+    """``path`` as a `qat fit` checkpoint of ``model``."""
+    arch = {k: getattr(model.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
+    arch_cfg = asdict(ArchConfig(family=model.config.model_type, **arch))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"arch": arch_cfg, "quant": asdict(quant) if quant else None, "optim": {},
+                                     "token_ids": {}},
+                "qat_tokenizer_files": bpe_tokenizer_files(), "datamodule_hyper_parameters": dict(DATA_HPARAMS),
+                "global_step": step}, path)
+    return path
+
+
+@pytest.fixture
+def ternary_checkpoint(tmp_path) -> Path:
+    """``tmp_path/runs/tiny/checkpoints/last.ckpt`` of a tiny ternary BitNet."""
+    quant = QuantConfig()
+    return write_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt", tiny_model(quant), quant)
