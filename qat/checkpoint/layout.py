@@ -17,7 +17,7 @@ from typing import Optional
 
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
-STEP_CHECKPOINT_PATTERN = "step-{step:06d}"   # Lightning ModelCheckpoint filename (".ckpt" added by Lightning)
+STEP_CHECKPOINT_PATTERN = "step-{step:06d}"   # ModelCheckpoint filename (".ckpt" added by Lightning)
 LOSS_PLOT = "loss.png"
 
 

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from qat.checkpoint.layout import RunLayout
 from qat.cli.evaluate import evaluate
 from qat.cli.export import export
 from qat.eval.plots import plot_loss_curves
@@ -12,7 +13,7 @@ def run_pipeline(fit_args: list[str], export_format: str = "hf") -> dict:
 
     cli = fit_cli(["fit", *fit_args])
     trainer = cli.trainer
-    checkpoint = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    checkpoint = RunLayout(Path(trainer.default_root_dir)).last_checkpoint
     fmt = export_format if cli.model.quant is not None else "hf-fp"
     out = export(str(checkpoint), format=fmt, dtype="float32")
     results = evaluate(out)

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from qat.checkpoint.layout import RunLayout
 from qat.errors import ClusterError
 
 REQUEUE_SIGNAL = signal.SIGUSR1
@@ -85,11 +86,8 @@ class RequeueOnSignal(Callback):
 
 
 def last_checkpoint_path(trainer: "pl.Trainer") -> Path:
-    """``last.ckpt`` in the folder of the run's ModelCheckpoint (where ``--resume auto`` looks first)."""
-    callback = trainer.checkpoint_callback
-    folder = (Path(callback.dirpath) if isinstance(callback, ModelCheckpoint) and callback.dirpath
-              else Path(trainer.default_root_dir) / "checkpoints")
-    return folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    """The run's ``last.ckpt`` (where ``--resume auto`` looks)."""
+    return RunLayout(Path(trainer.default_root_dir)).last_checkpoint
 
 
 def requeue_this_job() -> None:

@@ -87,10 +87,11 @@ def load_recipe(recipe: Path) -> dict:
 
 
 def recipe_run_dir(recipe: dict) -> Path:
-    """The run directory ``qat fit`` would use for this recipe (trainer.default_root_dir, else runs/<run.name>)."""
-    root = (recipe.get("trainer") or {}).get("default_root_dir")
-    name = (recipe.get("run") or {}).get("name", "qat-run")
-    return Path(root) if root else Path("runs") / name
+    """The run directory ``qat fit`` would use for this recipe (trainer.default_root_dir, else $QAT_RUNS_DIR/<run.name>)."""
+    from qat.checkpoint.layout import RunLayout
+
+    return RunLayout.for_run((recipe.get("run") or {}).get("name", "qat-run"),
+                             (recipe.get("trainer") or {}).get("default_root_dir")).run_dir
 
 
 def check_job(job: SlurmJob, available: dict[str, Partition]) -> Partition:
