@@ -17,38 +17,53 @@ from qat.checkpoint.layout import STEP_CHECKPOINT_PATTERN
 STEP_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.ckpt$")
 
 
+def surplus_step_checkpoints(folder: Path, keep: int, up_to_step: int) -> list[Path]:
+    """The ``step-NNNNNN.ckpt`` in ``folder`` to remove so that only the ``keep`` highest steps <= ``up_to_step``
+    remain: older ones, and any beyond ``up_to_step`` (written after the checkpoint a run resumed from, so not part
+    of its history). The step is read from the name qat gave the file; nothing else in ``folder`` is listed."""
+    if not folder.is_dir():
+        return []
+    steps = sorted((int(m[1]), p) for p in folder.iterdir()
+                   if (m := STEP_CHECKPOINT_NAME.match(p.name)) and not p.is_symlink())
+    past = [p for s, p in steps if s <= up_to_step]
+    return past[:max(len(past) - keep, 0)] + [p for s, p in steps if s > up_to_step]
+
+
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` writing ``<dirpath>/step-NNNNNN.ckpt`` every ``every_n_train_steps`` steps (keeping the
     ``keep`` newest) and ``<dirpath>/last.ckpt``, never a versioned copy.
 
-    At the start of training it removes what an interrupted run of qat left in ``dirpath``: temp files of a killed
-    save, and step checkpoints this callback no longer tracks (e.g. written after the checkpoint a run resumed from).
+    Rotation goes by the step in the file names rather than Lightning's top-k bookkeeping, which is lost when a run
+    folder is moved and never knew the files of an interrupted run. At the start of training it also removes the
+    temp files of a killed save.
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int, keep: int = 1):
         super().__init__(dirpath=dirpath, filename=STEP_CHECKPOINT_PATTERN, auto_insert_metric_name=False,
-                         save_last=True, save_top_k=keep, monitor="step", mode="max",
-                         every_n_train_steps=every_n_train_steps, enable_version_counter=False)
+                         save_last=True, save_top_k=-1, every_n_train_steps=every_n_train_steps,
+                         enable_version_counter=False)
+        self.keep = keep
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         if trainer.is_global_zero:
             for path in remove_stale_temp_files(self.dirpath):
                 rank_zero_info(f"qat: removed {path.name}, left by an interrupted save")
-            for path in self._untracked_step_checkpoints(trainer):
-                rank_zero_info(f"qat: removed {path.name}, a step checkpoint no longer tracked by this run")
-                trainer.strategy.checkpoint_io.remove_checkpoint(path)
+        self._remove_surplus(trainer, reason="left by an interrupted or earlier run")
         trainer.strategy.barrier("qat-checkpoint-cleanup")
 
-    def _untracked_step_checkpoints(self, trainer) -> list[Path]:
-        folder = Path(self.dirpath)
-        if not folder.is_dir():
-            return []
-        tracked = {Path(p).resolve() for p in self.best_k_models}
-        if trainer.ckpt_path:
-            tracked.add(Path(trainer.ckpt_path).resolve())
-        return [p for p in sorted(folder.iterdir())
-                if STEP_CHECKPOINT_NAME.match(p.name) and not p.is_symlink() and p.resolve() not in tracked]
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if STEP_CHECKPOINT_NAME.match(Path(filepath).name):
+            self._remove_surplus(trainer, reason=f"keeping the newest {self.keep}")
+
+    def _remove_surplus(self, trainer, reason: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        for path in surplus_step_checkpoints(Path(self.dirpath), self.keep, trainer.global_step):
+            rank_zero_info(f"qat: removed {path.name} ({reason})")
+            trainer.strategy.checkpoint_io.remove_checkpoint(path)
+            self.best_k_models.pop(str(path), None)
 
     def on_train_end(self, trainer, pl_module) -> None:
         # Training stopped between two scheduled saves (max_steps not a multiple of N): last.ckpt gets the
