@@ -65,6 +65,12 @@ class RunCheckpoint(ModelCheckpoint):
             trainer.strategy.checkpoint_io.remove_checkpoint(path)
             self.best_k_models.pop(str(path), None)
 
+    def save_last_now(self, trainer) -> Path:
+        """Write ``last.ckpt`` for the current step (e.g. before a SLURM requeue) unless it already holds it."""
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return Path(self.last_model_path)
+
     def on_train_end(self, trainer, pl_module) -> None:
         # Training stopped between two scheduled saves (max_steps not a multiple of N): last.ckpt gets the
         # final weights, written by this callback so it stays the only writer.
