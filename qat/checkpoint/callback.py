@@ -5,16 +5,13 @@ A second writer of ``last.ckpt`` beside Lightning's ``ModelCheckpoint`` made it 
 (``last-v1.ckpt``, ...) and leave ``last.ckpt`` at an old step, which export and ``--resume auto`` then used.
 """
 
-import re
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from qat.checkpoint.io import remove_stale_temp_files
-from qat.checkpoint.layout import STEP_CHECKPOINT_PATTERN
-
-STEP_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.ckpt$")
+from qat.checkpoint.layout import STEP_CHECKPOINT_NAME, STEP_CHECKPOINT_PATTERN
 
 
 def surplus_step_checkpoints(folder: Path, keep: int, up_to_step: int) -> list[Path]:

@@ -11,6 +11,7 @@ Example usage::
 """
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,7 @@ from typing import Optional
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 STEP_CHECKPOINT_PATTERN = "step-{step:06d}"   # ModelCheckpoint filename (".ckpt" added by Lightning)
+STEP_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.ckpt$")  # the files that pattern produces
 LOSS_PLOT = "loss.png"
 
 
