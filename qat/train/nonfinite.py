@@ -49,17 +49,19 @@ class NonFiniteGuard(Callback):
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         bad = not math.isfinite(float(loss.detach()))
         # Every rank must take the same branch (a lone rank raising or skipping would hang the collectives).
-        self._loss_bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if self._loss_bad and (self.on_nonfinite == "stop" or isinstance(trainer.strategy, DeepSpeedStrategy)):
+        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        self._loss_bad = self._loss_bad or bad  # any micro-batch of an accumulated step
+        if bad and (self.on_nonfinite == "stop" or isinstance(trainer.strategy, DeepSpeedStrategy)):
             self._stop(trainer, f"the loss is {float(loss.detach())}")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         norm = gradient_norm(pl_module.parameters())
+        loss_bad, self._loss_bad = self._loss_bad, False
         # DDP all-reduced the gradients already, so every rank sees the same norm.
-        if not self._loss_bad and math.isfinite(norm):
+        if not loss_bad and math.isfinite(norm):
             self.consecutive_skips = 0
             return
-        what = "the loss is not finite" if self._loss_bad else f"the gradient norm is {norm}"
+        what = "the loss is not finite" if loss_bad else f"the gradient norm is {norm}"
         if self.on_nonfinite == "stop":
             self._stop(trainer, what)
         self.consecutive_skips += 1

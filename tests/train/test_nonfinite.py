@@ -96,3 +96,13 @@ def test_export_refuses_a_checkpoint_with_nan_weights(tmp_path):
     AtomicCheckpointIO().save_checkpoint(checkpoint, tmp_path / "nan.ckpt")  # checksum matches: only NaN is wrong
     with pytest.raises(CheckpointError, match=r"nan\.ckpt: 1 weight tensors hold NaN/Inf .*q_proj"):
         load_trained_model(str(tmp_path / "nan.ckpt"))
+
+
+def test_skip_with_gradient_accumulation_drops_the_whole_step():
+    module, guard = OneWeight(), NonFiniteGuard("skip")
+    loader = DataLoader(torch.tensor([1.0, float("nan"), 1.0, 1.0]).reshape(-1, 1, 1), batch_size=None)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, callbacks=[guard], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    # Step 0 (x = 1, nan) is skipped; step 1 (x = 1, 1; Lightning halves each loss) applies w -= 0.1 * 2 * w.
+    assert guard.skipped_steps == 1 and float(module.w.detach()) == pytest.approx(0.8)
