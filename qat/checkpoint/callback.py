@@ -5,13 +5,14 @@ A second writer of ``last.ckpt`` beside Lightning's ``ModelCheckpoint`` made it 
 (``last-v1.ckpt``, ...) and leave ``last.ckpt`` at an old step, which export and ``--resume auto`` then used.
 """
 
+import time
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from qat.checkpoint.io import remove_stale_temp_files
-from qat.checkpoint.layout import STEP_CHECKPOINT_NAME, STEP_CHECKPOINT_PATTERN
+from qat.checkpoint.layout import STEP_CHECKPOINT_NAME, STEP_CHECKPOINT_PATTERN, earlier_checkpoints_dir
 
 
 def surplus_step_checkpoints(folder: Path, keep: int, up_to_step: int) -> list[Path]:
@@ -32,7 +33,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     Rotation goes by the step in the file names rather than Lightning's top-k bookkeeping, which is lost when a run
     folder is moved and never knew the files of an interrupted run. At the start of training it also removes the
-    temp files of a killed save.
+    temp files of a killed save, and a run started from scratch moves an earlier run's checkpoints aside (they would
+    be overwritten, and their higher steps would win a later ``--resume auto``).
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int, keep: int = 1):
@@ -46,8 +48,19 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for path in remove_stale_temp_files(self.dirpath):
                 rank_zero_info(f"qat: removed {path.name}, left by an interrupted save")
+            if trainer.ckpt_path is None:
+                self._move_earlier_run_aside()
         self._remove_surplus(trainer, reason="left by an interrupted or earlier run")
         trainer.strategy.barrier("qat-checkpoint-cleanup")
+
+    def _move_earlier_run_aside(self) -> None:
+        folder = Path(self.dirpath)
+        if not folder.is_dir() or not any(folder.glob("*.ckpt")):
+            return
+        aside = earlier_checkpoints_dir(folder, time.strftime("%Y%m%d-%H%M%S"))
+        folder.rename(aside)
+        print(f"qat: {folder} held checkpoints of an earlier run; moved them to {aside} (continue a run with "
+              "--resume auto instead of starting over)", flush=True)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)

@@ -28,6 +28,11 @@ def runs_root() -> Path:
     return Path(os.environ.get("QAT_RUNS_DIR") or Path.cwd() / "runs")
 
 
+def earlier_checkpoints_dir(checkpoints_dir: Path, stamp: str) -> Path:
+    """Where a fresh run moves the checkpoints an earlier run left in its folder (``checkpoints-earlier-<stamp>``)."""
+    return checkpoints_dir.with_name(f"{checkpoints_dir.name}-earlier-{stamp}")
+
+
 @dataclass(frozen=True)
 class RunLayout:
     """Paths inside one run folder."""

@@ -72,16 +72,9 @@ def resolve_resume(resume: str, layout: RunLayout) -> Optional[str]:
     """The ``ckpt_path`` for ``--resume auto|none|<path>``; prints what ``auto`` chose and why.
 
     Raises:
-        CheckpointError: the given path does not exist; ``auto`` finds checkpoints but none loads; ``none`` (start
-            over) in a run folder that already holds checkpoints, which would be overwritten.
+        CheckpointError: the given path does not exist, or ``auto`` finds checkpoints but none loads.
     """
     if resume == "none":
-        existing = sorted(p.name for p in layout.checkpoints_dir.glob("*.ckpt")) if layout.checkpoints_dir.is_dir() else []
-        if existing:
-            # A fresh run would overwrite last.ckpt and mix its steps with the earlier run's.
-            raise CheckpointError(f"{layout.checkpoints_dir} already holds checkpoints of an earlier run "
-                                  f"({', '.join(existing[:3])}); continue it with --resume auto, or start over under "
-                                  "another run.name / trainer.default_root_dir (or move that folder away)")
         return None
     if resume == "auto":
         choice = find_resume_checkpoint(layout.checkpoints_dir)

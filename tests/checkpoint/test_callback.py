@@ -79,3 +79,13 @@ def test_rotation_survives_a_moved_run_folder(tmp_path):
     with pytest.warns(UserWarning, match="dirpath has changed"):
         _fit(moved, 20, ckpt_path=moved / "last.ckpt")
     assert _names(moved) == ["last.ckpt", "step-000020.ckpt"]
+
+
+def test_a_fresh_run_moves_the_earlier_runs_checkpoints_aside(tmp_path):
+    folder = tmp_path / "checkpoints"
+    _fit(folder, 10)
+    earlier = {p.name: p.read_bytes() for p in folder.iterdir()}
+    _fit(folder, 3)  # from scratch, same folder
+    aside = list(tmp_path.glob("checkpoints-earlier-*"))
+    assert len(aside) == 1 and {p.name: p.read_bytes() for p in aside[0].iterdir()} == earlier
+    assert _names(folder) == ["last.ckpt"] and load_checkpoint_file(folder / "last.ckpt")["global_step"] == 3

@@ -151,9 +151,14 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path: Pa
     assert not (tmp_path / "export").exists()
 
 
-def test_a_fresh_run_does_not_overwrite_an_earlier_runs_checkpoints(twelve_step_run: Path):
-    before = {p.name: p.stat().st_mtime_ns for p in (twelve_step_run / "checkpoints").iterdir()}
-    result = _fit("--trainer.max_steps=2", "--trainer.default_root_dir=null", "--run.name=twelve",
-                  runs_dir=twelve_step_run.parent)
-    assert result.returncode == 2 and "already holds checkpoints" in result.stderr and "--resume auto" in result.stderr
-    assert {p.name: p.stat().st_mtime_ns for p in (twelve_step_run / "checkpoints").iterdir()} == before
+def test_a_fresh_run_moves_an_earlier_runs_checkpoints_aside(twelve_step_run: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(twelve_step_run, run_dir)
+    earlier = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    result = _fit("--trainer.max_steps=2", "--run.checkpoint_every_n_steps=5", f"--trainer.default_root_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    aside = list(run_dir.glob("checkpoints-earlier-*"))
+    assert len(aside) == 1 and "moved them to" in result.stdout
+    assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == earlier
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert _step(run_dir / "checkpoints" / "last.ckpt") == 2

@@ -71,16 +71,6 @@ def test_run_layout_honours_qat_runs_dir(tmp_path, monkeypatch):
     assert recipe_run_dir({"run": {"name": "r"}}) == tmp_path / "elsewhere" / "r"
 
 
-def test_starting_over_refuses_to_overwrite_an_earlier_runs_checkpoints(tmp_path):
-    layout = RunLayout(tmp_path / "run")
-    layout.checkpoints_dir.mkdir(parents=True)
-    (layout.checkpoints_dir / "notes.txt").write_text("not a checkpoint")
-    assert resolve_resume("none", layout) is None
-    _save(layout.last_checkpoint, 3)
-    with pytest.raises(CheckpointError, match=r"already holds checkpoints .*last\.ckpt.*--resume auto"):
-        resolve_resume("none", layout)
-
-
 @pytest.mark.parametrize("names, keep, up_to, removed", [
     (["step-000005.ckpt", "step-000010.ckpt"], 1, 10, ["step-000005.ckpt"]),
     (["step-000005.ckpt", "step-000010.ckpt"], 2, 10, []),
