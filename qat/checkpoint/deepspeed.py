@@ -116,4 +116,7 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
             checkpoint = convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "consolidated.ckpt")
         except Exception as exc:  # unpickling refused, shard missing, mismatched world size
             raise CheckpointError(f"cannot consolidate DeepSpeed checkpoint {path}: {load_error_reason(exc)}") from exc
+    from qat.checkpoint.io import verify_state_checksum
+
+    verify_state_checksum(checkpoint, path)
     return checkpoint

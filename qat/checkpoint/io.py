@@ -19,14 +19,21 @@ from qat.paths import ATOMIC_TEMP_NAME, atomic_write_bytes
 torch.serialization.add_safe_globals([AttributeDict])
 
 STATE_SHA256_KEY = "qat_state_sha256"
+# Only in DeepSpeed checkpoints: the dtype of each weight at save time. Consolidation returns the fp32 master
+# weights; cast back to these dtypes they are the saved module weights again (bf16 params are rounded masters).
+STATE_DTYPES_KEY = "qat_state_dtypes"
 
 
-def with_state_checksum(checkpoint: dict[str, Any]) -> dict[str, Any]:
+def with_state_checksum(checkpoint: dict[str, Any], record_dtypes: bool = False) -> dict[str, Any]:
     """``checkpoint`` plus ``qat_state_sha256``: the digest of its ``state_dict``, checked when it is loaded."""
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         return checkpoint
-    return {**checkpoint, STATE_SHA256_KEY: state_dict_sha256(state)}
+    extra = {STATE_SHA256_KEY: state_dict_sha256(state)}
+    if record_dtypes:
+        extra[STATE_DTYPES_KEY] = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()
+                                   if isinstance(v, torch.Tensor)}
+    return {**checkpoint, **extra}
 
 
 def verify_state_checksum(checkpoint: dict[str, Any], source: str | Path) -> None:
@@ -36,6 +43,10 @@ def verify_state_checksum(checkpoint: dict[str, Any], source: str | Path) -> Non
     if expected is None:
         return  # written before qat recorded checksums, or not by qat: nothing to compare with
     state = checkpoint.get("state_dict")
+    dtypes = checkpoint.get(STATE_DTYPES_KEY)
+    if isinstance(state, dict) and isinstance(dtypes, dict):
+        state = {k: v.to(getattr(torch, dtypes[k])) if isinstance(v, torch.Tensor) and k in dtypes else v
+                 for k, v in state.items()}
     actual = state_dict_sha256(state) if isinstance(state, dict) else "no state_dict"
     if actual != expected:
         raise CheckpointError(f"checkpoint {source}: checksum mismatch (weights hash to {actual[:16]}, recorded "

@@ -172,6 +172,16 @@ class WeightsOnlyDeepSpeedStrategy(DeepSpeedStrategy):
     of plain classes DeepSpeed stores (``qat.checkpoint.deepspeed.weights_only_loads``).
     """
 
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
+        # The weights' checksum travels in the client state (model-states file) and is verified against the
+        # consolidated weights when the folder is exported. Under ZeRO-3 this rank's state_dict holds only
+        # placeholders, so there is nothing to hash.
+        if not self.zero_stage_3:
+            from qat.checkpoint.io import with_state_checksum
+
+            checkpoint = with_state_checksum(checkpoint, record_dtypes=True)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         from qat.checkpoint.deepspeed import weights_only_loads
         from qat.checkpoint.integrity import load_error_reason

@@ -70,3 +70,24 @@ def test_an_untampered_zero2_resume_continues(zero2_run: Path, tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "last.ckpt (global step 2" in result.stdout
     assert deepspeed_checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 3
+
+
+def test_the_consolidated_weights_are_checked_against_the_checksum_saved_with_them(zero2_run: Path, tmp_path: Path):
+    import zipfile
+
+    from qat.checkpoint.deepspeed import load_training_checkpoint
+    from qat.checkpoint.io import STATE_SHA256_KEY
+    from qat.errors import CheckpointError
+    from tests.checkpoint.test_io import corrupt_tensor_bytes
+
+    assert STATE_SHA256_KEY in load_training_checkpoint(zero2_run / "checkpoints" / "last.ckpt")
+    folder = tmp_path / "last.ckpt"
+    shutil.copytree(zero2_run / "checkpoints" / "last.ckpt", folder)
+    shard = next((folder / "checkpoint").glob("*optim_states.pt"))
+    with zipfile.ZipFile(shard) as z:  # the fp32 master weights and Adam moments: the large tensor records
+        records = [i.filename.split("/", 1)[1] for i in z.infolist() if "/data/" in i.filename and i.file_size > 1 << 20]
+    assert records
+    for record in records:
+        corrupt_tensor_bytes(shard, record)
+    with pytest.raises(CheckpointError, match="last.ckpt: checksum mismatch"):
+        load_training_checkpoint(folder)
