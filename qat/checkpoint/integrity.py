@@ -43,5 +43,5 @@ def load_error_reason(exc: BaseException) -> str:
 
 def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors in ``state`` that hold a NaN or an infinity."""
-    return [name for name, t in state.items()
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    return [name for name, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
+            and t.numel() and not bool(torch.isfinite(t).all())]

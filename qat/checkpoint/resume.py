@@ -31,7 +31,7 @@ class ResumeChoice:
 
 
 def checkpoint_global_step(path: Path) -> int:
-    """The global step of a ``.ckpt`` file or DeepSpeed folder, after verifying it loads (``CheckpointError`` if not)."""
+    """The global step of a ``.ckpt`` file or DeepSpeed folder that loads (``CheckpointError`` if it does not)."""
     if path.is_dir():
         return deepspeed_checkpoint_step(path)
     step = load_checkpoint_file(path).get("global_step")

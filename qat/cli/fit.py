@@ -69,7 +69,8 @@ class QATLightningCLI(LightningCLI):
         parser.add_dataclass_arguments(RunConfig, "run")
         parser.add_argument("--resume", type=str, default="none",
                             help="auto: continue from the checkpoint of this run with the highest step that loads; "
-                                 "none: start at step 0 (an earlier run's checkpoints are moved aside); or a checkpoint path")
+                                 "none: start at step 0 (an earlier run's checkpoints are moved aside); "
+                                 "or a checkpoint path")
         parser.link_arguments("data.tokenizer_path", "model.tokenizer_dir", compute_fn=str, apply_on="instantiate")
 
     def _run_config(self):

@@ -87,7 +87,7 @@ def load_recipe(recipe: Path) -> dict:
 
 
 def recipe_run_dir(recipe: dict) -> Path:
-    """The run directory ``qat fit`` would use for this recipe (trainer.default_root_dir, else $QAT_RUNS_DIR/<run.name>)."""
+    """The run directory ``qat fit`` would use: trainer.default_root_dir, else $QAT_RUNS_DIR/<run.name>."""
     from qat.checkpoint.layout import RunLayout
 
     return RunLayout.for_run((recipe.get("run") or {}).get("name", "qat-run"),

@@ -31,8 +31,8 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path: Path):
     run_dir = tmp_path / "killed"
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
-    proc = subprocess.Popen([sys.executable, "-m", "qat.cli.main", "fit", *ARGS, f"--trainer.default_root_dir={run_dir}"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "qat.cli.main", "fit", *ARGS, f"--trainer.default_root_dir={run_dir}"]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
         while not list((run_dir / "checkpoints").glob("step-*.ckpt")):

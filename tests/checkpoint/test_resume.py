@@ -11,8 +11,8 @@ from tests.checkpoint.test_io import corrupt_tensor_bytes
 
 
 def _save(path, step: int) -> None:
-    AtomicCheckpointIO().save_checkpoint({"global_step": step, "state_dict": {"model.w": torch.full((32, 32), float(step))}},
-                                         path)
+    state = {"model.w": torch.full((32, 32), float(step))}
+    AtomicCheckpointIO().save_checkpoint({"global_step": step, "state_dict": state}, path)
 
 
 def test_picks_the_highest_global_step_not_the_newest_file(tmp_path):

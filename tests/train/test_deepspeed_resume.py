@@ -85,7 +85,8 @@ def test_the_consolidated_weights_are_checked_against_the_checksum_saved_with_th
     shutil.copytree(zero2_run / "checkpoints" / "last.ckpt", folder)
     shard = next((folder / "checkpoint").glob("*optim_states.pt"))
     with zipfile.ZipFile(shard) as z:  # the fp32 master weights and Adam moments: the large tensor records
-        records = [i.filename.split("/", 1)[1] for i in z.infolist() if "/data/" in i.filename and i.file_size > 1 << 20]
+        records = [i.filename.split("/", 1)[1] for i in z.infolist()
+                   if "/data/" in i.filename and i.file_size > 1 << 20]
     assert records
     for record in records:
         corrupt_tensor_bytes(shard, record)
