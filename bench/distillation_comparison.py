@@ -13,6 +13,7 @@ import torch
 
 from qat.data.datamodule import TextDataModule
 from qat.eval.perplexity import heldout_metrics, logits_agreement
+from qat.checkpoint.layout import RunLayout
 from qat.checkpoint.trained import load_trained_model
 from qat.teachers import TeacherConfig, load_teacher
 
@@ -35,7 +36,7 @@ def main() -> None:
         teacher_logits = [teacher(input_ids=b).logits for b in batches]
     results = {"teacher (SmolLM2-135M)": heldout_metrics(lambda ids: teacher(input_ids=ids).logits, val, 8, bpt)}
     for run in args.runs:
-        model = load_trained_model(str(Path(run) / "checkpoints" / "last.ckpt")).model
+        model = load_trained_model(str(RunLayout(Path(run)).last_checkpoint)).model
         metrics = heldout_metrics(lambda ids: model(input_ids=ids).logits, val, 8, bpt)
         with torch.no_grad():
             metrics["teacher_top1_agreement"] = float(np.mean([

@@ -27,3 +27,7 @@ class ClusterError(QATError, RuntimeError):
 
 class TeacherError(QATError, ValueError):
     """A distillation teacher (or its cached logits) cannot be used: not found, other tokenizer, stale cache."""
+
+
+class TrainingError(QATError, RuntimeError):
+    """Training cannot usefully continue (e.g. the loss became NaN/Inf)."""

@@ -2,6 +2,7 @@
 and run directories. Both are git-ignored and reused when valid."""
 
 import os
+import re
 from pathlib import Path
 
 
@@ -13,16 +14,32 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+ATOMIC_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)$")  # what atomic_write_bytes leaves if killed
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a crash leaves either the old file or the new one, never half of one."""
+    """Write ``data`` to ``path`` so a crash leaves either the old file or the new one, never half of one.
+
+    The bytes go to ``.<name>.tmp-<pid>`` beside ``path`` (same filesystem, so the rename is atomic); a failure
+    removes that file, a kill leaves it behind (matched by ``ATOMIC_TEMP_NAME``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # The rename itself is durable only once the directory entry is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def plain_file_name(name: str, what: str = "file name") -> str:

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
+from qat.checkpoint.integrity import load_error_reason
 from qat.errors import CheckpointError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -41,7 +42,9 @@ def check_deepspeed_checkpoint(path: str | Path) -> Path:
 
 
 @contextmanager
-def _weights_only_loads() -> Iterator[None]:
+def weights_only_loads() -> Iterator[None]:
+    """Within the block every ``torch.load`` (DeepSpeed's and Lightning's included) runs with ``weights_only=True``
+    and allows only the few plain classes DeepSpeed checkpoints hold: a pickled payload is refused, not run."""
     original = torch.load
 
     def load_weights_only(*args: Any, **kwargs: Any):
@@ -71,6 +74,24 @@ def _deepspeed_safe_globals() -> list:
             OptimConfig]
 
 
+def deepspeed_checkpoint_step(path: str | Path) -> int:
+    """The global step recorded in a DeepSpeed checkpoint folder (read from its model-states file, weights only).
+
+    Raises:
+        CheckpointError: incomplete or unreadable checkpoint.
+    """
+    model_states = check_deepspeed_checkpoint(path) / MODEL_STATES
+    try:
+        with weights_only_loads():
+            state = torch.load(model_states, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused, truncated shard
+        raise CheckpointError(f"cannot read DeepSpeed checkpoint {path} ({model_states.name}): "
+                              f"{load_error_reason(exc)}") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise CheckpointError(f"DeepSpeed checkpoint {path} records no global_step; it was not written by `qat fit`")
+    return state["global_step"]
+
+
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """A training checkpoint as the dict ``torch.load(ckpt, weights_only=True)`` gives for a Lightning ``.ckpt``:
     ``state_dict`` (full fp32 weights, consolidated from the ZeRO shards), ``global_step``, ``hyper_parameters``,
@@ -90,9 +111,12 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     check_deepspeed_checkpoint(path)
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-    with tempfile.TemporaryDirectory() as tmp, _weights_only_loads():
+    with tempfile.TemporaryDirectory() as tmp, weights_only_loads():
         try:
             checkpoint = convert_zero_checkpoint_to_fp32_state_dict(path, Path(tmp) / "consolidated.ckpt")
         except Exception as exc:  # unpickling refused, shard missing, mismatched world size
-            raise CheckpointError(f"cannot consolidate DeepSpeed checkpoint {path}: {exc}") from exc
+            raise CheckpointError(f"cannot consolidate DeepSpeed checkpoint {path}: {load_error_reason(exc)}") from exc
+    from qat.checkpoint.io import verify_state_checksum
+
+    verify_state_checksum(checkpoint, path)
     return checkpoint

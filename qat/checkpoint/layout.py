@@ -11,19 +11,26 @@ Example usage::
 """
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
-STEP_CHECKPOINT_PATTERN = "step-{step:06d}"   # Lightning ModelCheckpoint filename (".ckpt" added by Lightning)
+STEP_CHECKPOINT_PATTERN = "step-{step:06d}"   # ModelCheckpoint filename (".ckpt" added by Lightning)
+STEP_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.ckpt$")  # the files that pattern produces
 LOSS_PLOT = "loss.png"
 
 
 def runs_root() -> Path:
     """``$QAT_RUNS_DIR`` (default ``./runs``): the parent of every run folder."""
     return Path(os.environ.get("QAT_RUNS_DIR") or Path.cwd() / "runs")
+
+
+def earlier_checkpoints_dir(checkpoints_dir: Path, stamp: str) -> Path:
+    """Where a fresh run moves the checkpoints an earlier run left in its folder (``checkpoints-earlier-<stamp>``)."""
+    return checkpoints_dir.with_name(f"{checkpoints_dir.name}-earlier-{stamp}")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from torch import nn
 
 from qat.errors import CheckpointError
 from qat.checkpoint.deepspeed import load_training_checkpoint
+from qat.checkpoint.integrity import non_finite_tensors
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
 
@@ -47,7 +48,13 @@ def load_trained_model(path: str) -> TrainedModel:
     model = build_model(arch, token_ids=hparams.get("token_ids"))
     if quant is not None:
         convert_to_qat(model, quant)
-    missing, unexpected = model.load_state_dict(model_state_dict(checkpoint), strict=False)
+    state = model_state_dict(checkpoint)
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN/Inf (e.g. {bad[0]}): the run diverged "
+                              "before this checkpoint; use an earlier checkpoint, or retrain with a lower "
+                              "model.optim.lr")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight") or not arch.tie_word_embeddings]
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match its own architecture: missing {missing[:5]}, "

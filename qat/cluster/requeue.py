@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from qat.checkpoint.callback import RunCheckpoint
+from qat.checkpoint.layout import RunLayout
 from qat.errors import ClusterError
 
 REQUEUE_SIGNAL = signal.SIGUSR1
@@ -70,12 +72,11 @@ class RequeueOnSignal(Callback):
         stop = trainer.strategy.reduce_boolean_decision(self._received is not None, all=False)
         if not stop:
             return
-        path = last_checkpoint_path(trainer)
-        if isinstance(trainer.checkpoint_callback, ModelCheckpoint):
-            # Recorded as the callback's own "last" (saved in its state): after the resume it overwrites
-            # last.ckpt instead of writing last-v1.ckpt beside it, which --resume auto would not prefer.
-            trainer.checkpoint_callback.last_model_path = str(path)
-        trainer.save_checkpoint(path)
+        if isinstance(trainer.checkpoint_callback, RunCheckpoint):
+            path = trainer.checkpoint_callback.save_last_now(trainer)  # the one writer of last.ckpt
+        else:  # a recipe with its own ModelCheckpoint
+            path = last_checkpoint_path(trainer)
+            trainer.save_checkpoint(path)
         trainer.strategy.barrier("qat-requeue-checkpoint")
         if trainer.is_global_zero:
             print(f"qat: signal received; saved {path} at global_step {trainer.global_step}", flush=True)
@@ -85,11 +86,8 @@ class RequeueOnSignal(Callback):
 
 
 def last_checkpoint_path(trainer: "pl.Trainer") -> Path:
-    """``last.ckpt`` in the folder of the run's ModelCheckpoint (where ``--resume auto`` looks first)."""
-    callback = trainer.checkpoint_callback
-    folder = (Path(callback.dirpath) if isinstance(callback, ModelCheckpoint) and callback.dirpath
-              else Path(trainer.default_root_dir) / "checkpoints")
-    return folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    """The run's ``last.ckpt`` (where ``--resume auto`` looks)."""
+    return RunLayout(Path(trainer.default_root_dir)).last_checkpoint
 
 
 def requeue_this_job() -> None:

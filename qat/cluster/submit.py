@@ -127,10 +127,11 @@ def check_recipe_script_texts(recipe: dict) -> None:
 
 
 def recipe_run_dir(recipe: dict) -> Path:
-    """The run directory ``qat fit`` would use for this recipe (trainer.default_root_dir, else runs/<run.name>)."""
-    root = (recipe.get("trainer") or {}).get("default_root_dir")
-    name = (recipe.get("run") or {}).get("name", "qat-run")
-    return Path(root) if root else Path("runs") / name
+    """The run directory ``qat fit`` would use: trainer.default_root_dir, else $QAT_RUNS_DIR/<run.name>."""
+    from qat.checkpoint.layout import RunLayout
+
+    return RunLayout.for_run((recipe.get("run") or {}).get("name", "qat-run"),
+                             (recipe.get("trainer") or {}).get("default_root_dir")).run_dir
 
 
 def check_job(job: SlurmJob, available: dict[str, Partition]) -> Partition:

@@ -11,7 +11,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from qat.checkpoint.integrity import non_finite_tensors
 from qat.data.tokenizer import load_tokenizer
+from qat.errors import CheckpointError
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
 from qat.train.monitor import QATHealthMonitor, TokenThroughputMonitor
@@ -110,6 +112,13 @@ class QATLanguageModel(L.LightningModule):
         return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every save (scheduled, last, requeue; any strategy) passes here before a byte is written: a NaN/Inf
+        # weight stops the save, so the previous checkpoint is neither overwritten nor rotated away.
+        bad = non_finite_tensors(checkpoint.get("state_dict") or {})
+        if bad:
+            raise CheckpointError(f"not saving the checkpoint of global step {checkpoint.get('global_step')}: "
+                                  f"{len(bad)} weight tensors hold NaN/Inf (e.g. {bad[0]}); the earlier checkpoints "
+                                  "are kept. Lower model.optim.lr and resume from the last one")
         checkpoint[TOKENIZER_CHECKPOINT_KEY] = self.tokenizer_files
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

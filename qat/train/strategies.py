@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import os
+import pickle
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,11 +26,11 @@ from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
-from qat.errors import RecipeError
+from qat.errors import CheckpointError, RecipeError
 from qat.paths import cache_dir
 from qat.train.precision import cpu_has_fast_bf16
 
-__all__ = ["StrategyConfig", "CPUDeepSpeedStrategy", "build_strategy", "parse_strategy"]
+__all__ = ["StrategyConfig", "CPUDeepSpeedStrategy", "WeightsOnlyDeepSpeedStrategy", "build_strategy", "parse_strategy"]
 
 
 @dataclass
@@ -133,7 +134,7 @@ def build_strategy(spec: Union[str, dict, StrategyConfig], accelerator: str = "a
     """The Lightning strategy for ``spec`` on ``accelerator`` (``cpu``, ``gpu``/``cuda`` or ``auto``).
 
     Returns ``"auto"``/``"ddp"`` unchanged (Lightning picks gloo on CPU, NCCL on GPU), Lightning's
-    ``DeepSpeedStrategy`` on GPU and ``CPUDeepSpeedStrategy`` on CPU.
+    ``DeepSpeedStrategy`` on GPU (resuming without unpickling code) and ``CPUDeepSpeedStrategy`` on CPU.
 
     Raises:
         RecipeError: invalid strategy settings, or a DeepSpeed config that would not run on this accelerator.
@@ -150,7 +151,7 @@ def build_strategy(spec: Union[str, dict, StrategyConfig], accelerator: str = "a
     else:
         kwargs = {"stage": cfg.stage, "offload_optimizer": cfg.offload_optimizer,
                   "offload_parameters": cfg.offload_parameters}
-    return CPUDeepSpeedStrategy(**kwargs) if on_cpu else DeepSpeedStrategy(**kwargs)
+    return CPUDeepSpeedStrategy(**kwargs) if on_cpu else WeightsOnlyDeepSpeedStrategy(**kwargs)
 
 
 def _resolve_accelerator(accelerator: str) -> str:
@@ -163,7 +164,38 @@ def _resolve_accelerator(accelerator: str) -> str:
     raise RecipeError(f"trainer.accelerator: {accelerator!r} is not supported with DeepSpeed; use cpu, gpu or auto")
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class WeightsOnlyDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` whose resume reads the checkpoint folder without running pickled code.
+
+    DeepSpeed's engine loads every shard with ``torch.load(weights_only=False)``: a tampered ``.pt`` in a run's
+    checkpoint folder would execute on ``--resume``. Here each load is ``weights_only=True`` with the allow-list
+    of plain classes DeepSpeed stores (``qat.checkpoint.deepspeed.weights_only_loads``).
+    """
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
+        # The weights' checksum travels in the client state (model-states file) and is verified against the
+        # consolidated weights when the folder is exported. Under ZeRO-3 this rank's state_dict holds only
+        # placeholders, so there is nothing to hash.
+        if not self.zero_stage_3:
+            from qat.checkpoint.io import with_state_checksum
+
+            checkpoint = with_state_checksum(checkpoint, record_dtypes=True)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        from qat.checkpoint.deepspeed import weights_only_loads
+        from qat.checkpoint.integrity import load_error_reason
+
+        try:
+            with weights_only_loads():
+                return super().load_checkpoint(checkpoint_path, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"cannot resume from DeepSpeed checkpoint {checkpoint_path}: "
+                                  f"{load_error_reason(exc)}. Resume from another checkpoint (--resume <path>) "
+                                  "or retrain") from exc
+
+
+class CPUDeepSpeedStrategy(WeightsOnlyDeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` on CPU processes with gloo.
 
     Three things in Lightning 2.6 assume CUDA (environment.md §5), overridden here and nothing else:

@@ -18,23 +18,28 @@ def wandb_mode(mode: str) -> str:
 
 
 def persistent_run_id(save_dir: Path, resume: bool) -> str:
-    """The run id stored in ``save_dir`` when resuming, else a fresh one (stored for later resumes)."""
+    """The run id stored in ``save_dir`` when resuming, else a fresh one (``store_run_id`` keeps it for later)."""
     path = save_dir / RUN_ID_FILE
     if resume and path.is_file():
         return path.read_text().strip()
-    run_id = uuid.uuid4().hex[:12]
+    return uuid.uuid4().hex[:12]
+
+
+def store_run_id(save_dir: Path, run_id: str) -> None:
+    """Keep ``run_id`` in ``save_dir`` so a resumed or requeued run appends to the same W&B run."""
     # Every rank builds the logger but only global rank 0 logs: only its id may be stored, or a requeued run
     # resumes under another rank's id (rank from srun/torchrun; Lightning has not set it up yet).
     if int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0"))) == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id)
-    return run_id
+        (save_dir / RUN_ID_FILE).write_text(run_id)
 
 
 class QATWandbLogger(WandbLogger):
     """``WandbLogger`` with ``mode: auto`` (online iff ``WANDB_API_KEY`` is set, else offline).
 
-    The key is read by wandb from the environment only; qat never writes it anywhere.
+    Nothing is written (run folder, W&B run, stored id) until the first use of ``experiment``, i.e. once training
+    starts: a recipe rejected while the trainer is built leaves no trace. The key is read by wandb from the
+    environment only; qat never writes it anywhere.
     """
 
     def __init__(self, project: str = "qat", name: Optional[str] = None, save_dir: str = "runs",
@@ -48,8 +53,16 @@ class QATWandbLogger(WandbLogger):
             # it as "in use": a resumed run gets a service of its own.
             os.environ.pop("WANDB_SERVICE", None)
         os.environ.setdefault("WANDB_DIR", str(save))
+        self._qat_run_dir, self._qat_run_id, self._qat_run_id_stored = save, run_id, False
         super().__init__(project=project, name=name, save_dir=str(save), offline=wandb_mode(mode) == "offline",
                          id=run_id, resume="allow", log_model=False, **kwargs)
+
+    @property
+    def experiment(self):
+        if not self._qat_run_id_stored:
+            store_run_id(self._qat_run_dir, self._qat_run_id)
+            self._qat_run_id_stored = True
+        return WandbLogger.experiment.fget(self)
 
 
 # --- reading offline runs back (plots, tests) ---------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from qat.errors import RecipeError
-from qat.train.strategies import CPUDeepSpeedStrategy, StrategyConfig, build_strategy, parse_strategy
+from qat.train.strategies import (CPUDeepSpeedStrategy, StrategyConfig, WeightsOnlyDeepSpeedStrategy, build_strategy,
+                                  parse_strategy)
 
 REPO = Path(__file__).resolve().parents[2]
 LOSS_CURVE_SCRIPT = Path(__file__).with_name("distributed_loss_curve.py")
@@ -48,8 +49,9 @@ def test_build_strategy_picks_the_deepspeed_class_per_accelerator():
     cpu = build_strategy({"name": "deepspeed", "stage": 3}, accelerator="cpu")
     gpu = build_strategy({"name": "deepspeed", "stage": 3}, accelerator="gpu")
     assert type(cpu) is CPUDeepSpeedStrategy and cpu.config["zero_optimization"]["stage"] == 3
-    # On GPU it is Lightning's strategy as is, with Lightning's defaults.
-    assert type(gpu) is DeepSpeedStrategy and gpu.config["zero_optimization"]["stage"] == 3
+    # On GPU it is Lightning's strategy with Lightning's defaults, only resuming through weights-only loads.
+    assert type(gpu) is WeightsOnlyDeepSpeedStrategy and isinstance(gpu, DeepSpeedStrategy)
+    assert gpu.config["zero_optimization"]["stage"] == 3
     assert gpu.config["zero_optimization"]["reduce_bucket_size"] == 200_000_000
     assert cpu.config["zero_optimization"]["reduce_bucket_size"] == 5_000_000
     assert build_strategy("ddp", accelerator="cpu") == "ddp"
@@ -76,7 +78,8 @@ def test_build_strategy_rejects_bad_deepspeed_configs(tmp_path):
     compiles_on_cpu = {"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
     with pytest.raises(RecipeError, match="torch_adam"):
         build_strategy({"name": "deepspeed", "config": compiles_on_cpu}, accelerator="cpu")
-    assert type(build_strategy({"name": "deepspeed", "config": compiles_on_cpu}, accelerator="gpu")) is DeepSpeedStrategy
+    assert type(build_strategy({"name": "deepspeed", "config": compiles_on_cpu}, accelerator="gpu")) is \
+        WeightsOnlyDeepSpeedStrategy
     with pytest.raises(RecipeError, match="accelerator"):
         build_strategy("deepspeed", accelerator="tpu")
 
