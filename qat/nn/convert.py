@@ -96,5 +96,20 @@ def convert_to_qat(model: nn.Module, quant: QuantConfig) -> nn.Module:
     return model
 
 
+def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """Quantize ``model`` in place for QAT: every linear layer not kept in full precision becomes the trainable layer
+    of the scheme ``config.weight`` names (default: BitNet b1.58 ternary). Returns ``model``.
+
+    Example usage::
+
+        model = AutoModelForCausalLM.from_pretrained("path/to/local/model")
+        quantize(model, QuantConfig(weight="absmean_ternary"))
+        loss = model(input_ids=ids, labels=ids).loss; loss.backward()   # STE gradients reach the latent weights
+
+    Raises:
+        RecipeError: an unknown scheme, a setting the scheme does not support, or nothing to quantize.
+    """
+    return convert_to_qat(model, config if config is not None else QuantConfig())
+
 def bitlinear_layers(model: nn.Module) -> dict[str, BitLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
