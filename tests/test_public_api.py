@@ -1,6 +1,7 @@
 """The public API as README's "Use qat as a library" shows it: quantize your own HF model, train it with your own
 loop, export it, reload the export with HF transformers and get the same logits; pack it for the kernels."""
 
+import pytest
 import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -23,6 +24,7 @@ def test_all_names_resolve():
         assert getattr(qat, name) is not None
 
 
+@pytest.mark.slow  # transformers compiles its BitNet unpack on first load
 def test_quantize_train_export_reload_pack(tmp_path):
     torch.manual_seed(0)
     tok = _tokenizer(tmp_path)
