@@ -17,6 +17,7 @@ whose fp32 ``lm_head`` is a much larger share of the packed model's bytes.
 
 import argparse
 import copy
+import functools
 import re
 import subprocess
 import time
@@ -90,8 +91,9 @@ def make_methods(k: int, n: int, min_total: int, resident: bool):
 
     def int4():
         scale_zero = torch.stack([torch.full((k // INT4_GROUP, n), 0.01), torch.zeros(k // INT4_GROUP, n)], -1)
-        make = lambda _: torch._convert_weight_to_int4pack_for_cpu(
-            torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1)
+        def make(_):
+            return torch._convert_weight_to_int4pack_for_cpu(
+                torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1)
         rot = Rotation(make, n * k // 2, min_total, resident)
         return (lambda x, xb: torch._weight_int4pack_mm_for_cpu(xb, rot.next(), INT4_GROUP, scale_zero.bfloat16())), \
             n * k // 2
@@ -108,7 +110,8 @@ def make_methods(k: int, n: int, min_total: int, resident: bool):
         row_bytes = padded_in_features(k, bits) * bits // 8
         scale = torch.full((n, 1), 0.01)
         shape = (n, row_bytes) if bits == 2 else (-(-n // BINARY_TILE), row_bytes, BINARY_TILE)   # kernel layouts
-        make = lambda _: torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        def make(_):
+            return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
         rot = Rotation(make, n * row_bytes, min_total, resident)
         return (lambda x, xb: packed_linear(x, rot.next(), scale, bits, k, k)), n * row_bytes
 
@@ -119,7 +122,7 @@ def make_methods(k: int, n: int, min_total: int, resident: bool):
 
 def kernel_table(reps: int, llc: int, read_gbps: float) -> None:
     min_total = 2 * llc
-    print(f"\n| K x N | batch | mode | " + " | ".join(
+    print("\n| K x N | batch | mode | " + " | ".join(
         ["fp32 ms", "bf16 ms", "int4 ms", "int8 ms", "tern ms", "bin ms",
          "tern/fp32", "tern/bf16", "tern/best-lowbit", "bin/fp32", "bin/bf16", "bin/best-lowbit",
          "tern GB/s (% of read BW)", "bin GB/s (% of read BW)"]) + " |")
@@ -133,7 +136,7 @@ def kernel_table(reps: int, llc: int, read_gbps: float) -> None:
                 for batch in BATCHES:
                     x = torch.randn(batch, k)
                     xb = x.bfloat16()
-                    results[batch][name] = (best_seconds(lambda: call(x, xb), reps), nbytes)
+                    results[batch][name] = (best_seconds(functools.partial(call, x, xb), reps), nbytes)
                 del call
             for batch in BATCHES:
                 r = {name: t for name, (t, _) in results[batch].items()}

@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from qat.kernels.packed_linear import (CPU_PATHS, KernelPathError, dense_linear, packed_linear, packed_linear_torch,
-                                       path_support, selected_path)
+from qat.kernels.packed_linear import (
+    CPU_PATHS,
+    KernelPathError,
+    dense_linear,
+    packed_linear,
+    packed_linear_torch,
+    path_support,
+    selected_path,
+)
 from tests.references.packed_linear_reference import PACKERS, assert_matches_reference, random_problem
 
 pytestmark = pytest.mark.kernels
