@@ -17,12 +17,13 @@
 // whole blocks so the kernels have no tails. Integer sums are exact; the float epilogue rounds once per group and
 // once for the division, identically in every path.
 //
-// Paths (chosen at run time, forced by name from Python via QAT_KERNEL_PATH): "avx512_vnni" (ternary: vpdpbusd on
-// 64-byte blocks; from kIntMmMinTokens tokens on, both unpack to int8 once per call and use at::_int_mm, i.e.
-// oneDNN with AMX/VNNI; binary decode and small batches run the AVX2 code, which is shuffle-bound, not
-// multiply-bound), "avx2" (ternary: vpmaddubsw + vpmaddwd; binary: table lookup), "portable" (plain C++ over the
-// layouts' definition). Prefill (tiles of kTokenTile tokens) unpacks a row (or a binary tile) to bytes once and
-// streams the tokens over it.
+// Paths (chosen at run time, forced by name from Python via QAT_KERNEL_PATH): "avx512_vnni" (decode, 1 token:
+// ternary vpdpbusd on 64-byte blocks, binary the AVX2 table lookup, both memory-bound; from kGemmMinTokens tokens
+// on, a VNNI GEMM: rows unpacked once to bytes in L1/L2, a 4-row x 6-token register tile of vpdpbusd; on CPUs with
+// AMX-INT8, from kIntMmMinTokens tokens on, unpack to int8 and at::_int_mm, i.e. oneDNN on AMX tiles), "avx2"
+// (ternary: vpmaddubsw + vpmaddwd; binary: table lookup), "portable" (plain C++ over the layouts' definition). AVX2
+// prefill (tiles of kTokenTile tokens) unpacks a row (or a binary tile) to bytes once and streams the tokens over
+// it.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -46,7 +47,7 @@ namespace {
 
 constexpr int64_t kBlockBytes = 64;
 constexpr int64_t kTokenTile = 4;        // tokens that share one unpacked weight block (registers)
-constexpr int64_t kIntMmMinTokens = 32;  // from this batch on, unpack to int8 and use at::_int_mm
+constexpr int64_t kIntMmMinTokens = 32;  // AMX CPUs: from this batch on, unpack to int8 and use at::_int_mm
 constexpr int64_t kBinaryTile = 32;      // rows per binary tile
 constexpr int64_t kLutMaxTokens = 8;     // binary: up to this batch every token by table lookup, above 4-token tiles
 
