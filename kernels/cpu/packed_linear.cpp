@@ -144,14 +144,17 @@ __attribute__((always_inline)) inline void finish_row_unsigned(const Problem& p,
 std::vector<int32_t> group_xsums(const Problem& p) {
   std::vector<int32_t> out(p.tokens * p.groups, 0);
   const int64_t vpb = p.values_per_block();
-  for (int64_t t = 0; t < p.tokens; ++t) {
-    const int8_t* x = p.act->codes.data() + t * p.padded_k;
-    for (int64_t g = 0; g < p.groups; ++g) {
-      int32_t s = 0;
-      for (int64_t i = g * p.blocks_per_group * vpb; i < p.group_end(g) * vpb; ++i) s += x[i];
-      out[t * p.groups + g] = s;
+  // In parallel over tokens: done serially, it is a fixed cost every GEMM thread waits for.
+  at::parallel_for(0, p.tokens, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int8_t* x = p.act->codes.data() + t * p.padded_k;
+      for (int64_t g = 0; g < p.groups; ++g) {
+        int32_t s = 0;
+        for (int64_t i = g * p.blocks_per_group * vpb; i < p.group_end(g) * vpb; ++i) s += x[i];
+        out[t * p.groups + g] = s;
+      }
     }
-  }
+  });
   return out;
 }
 

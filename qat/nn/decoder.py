@@ -143,14 +143,16 @@ class PackedDecoder:
                                "a larger max_len")
         x = self.embed(ids)
         cos, sin = self._rope(torch.arange(start, end), x.dtype)
+        cos, sin = cos[None, :, None], sin[None, :, None]   # (1, T, 1, head_dim): over (1, T, heads, head_dim)
         # New queries see every cached position and the new ones up to their own (causal within the block).
         mask = None if tokens == 1 else torch.ones(tokens, end, dtype=torch.bool).tril(start)
         groups = self.heads // self.kv_heads
         for i, block in enumerate(self.blocks):
             h = block.input_norm(x)
-            q, k, v = block.qkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = self._rotate(q.view(1, tokens, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = self._rotate(k.view(1, tokens, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            qk, v = block.qkv(h).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            # q and k heads are adjacent in the fused output: one rotation for both.
+            qk = self._rotate(qk.view(1, tokens, self.heads + self.kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+            q, k = qk[:, :self.heads], qk[:, self.heads:]
             self.k_cache[i, :, :, start:end] = k
             self.v_cache[i, :, :, start:end] = v.view(1, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
             keys, values = self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end]
