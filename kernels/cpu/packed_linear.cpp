@@ -623,41 +623,37 @@ void gemm_ternary_avx512(const Problem& p, const int32_t* xsums, int64_t n0, int
   }
 }
 
-// Binary tile -> stored bits as bytes (like unpack_binary_tile), vectorized: per 8 input bytes c0..c0+7 of the 32
-// rows (256 bytes, c-major), two rounds of vpermt2b transpose them to one 8-byte word per row (bytes c0..c0+7),
-// which, as a 64-bit mask, selects bytes of ones: 64 stored values per masked move.
-__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void unpack_binary_tile_avx512(const Problem& p,
-                                                                                     int64_t tile,
-                                                                                     uint8_t* qrows) {
-  alignas(64) uint8_t idx_c4[2][64], idx_c8[2][64];
-  for (int h = 0; h < 2; ++h)
-    for (int m = 0; m < 64; ++m) {
-      // Round 1, from (z0, z1) = bytes c0..c0+3 of positions 0..31: position 16h + m/4, byte j = m % 4.
-      const int pos = 16 * h + m / 4, j = m % 4;
-      idx_c4[h][m] = static_cast<uint8_t>((j >> 1) * 64 + (j & 1) * 32 + pos);
-      // Round 2, from (A, B) = 16 positions x 4 bytes each: position 8h + m/8, byte j = m % 8 (4..7 from B).
-      const int pos2 = 8 * h + m / 8, j2 = m % 8;
-      idx_c8[h][m] = static_cast<uint8_t>(j2 < 4 ? 4 * pos2 + j2 : 64 + 4 * pos2 + j2 - 4);
-    }
-  const __m512i i4lo = _mm512_load_si512(idx_c4[0]), i4hi = _mm512_load_si512(idx_c4[1]);
-  const __m512i i8lo = _mm512_load_si512(idx_c8[0]), i8hi = _mm512_load_si512(idx_c8[1]);
+// Binary tile -> stored bits as bytes of the 8 rows at positions 8h .. 8h + 7 (rows binary_tile_pos(8h) .. + 7, in
+// order; like unpack_binary_tile), vectorized: per 8 input bytes c0..c0+7 of the 32 positions (256 bytes,
+// c-major), two rounds of vpermt2b transpose them to one 8-byte word per row (bytes c0..c0+7), which, as a 64-bit
+// mask, selects bytes of ones: 64 stored values per masked move. 8 rows (not the tile's 32) keep the unpacked
+// rows in L1 for the GEMM that follows.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void unpack_binary_rows8_avx512(const Problem& p,
+                                                                                      int64_t tile, int h,
+                                                                                      uint8_t* qrows) {
+  alignas(64) uint8_t idx_c4[64], idx_c8[64];
+  for (int m = 0; m < 64; ++m) {
+    // Round 1, from (z0, z1) = bytes c0..c0+3 of 32 positions: position 16 (h / 2) + m / 4, byte j = m % 4.
+    const int pos = 16 * (h / 2) + m / 4, j = m % 4;
+    idx_c4[m] = static_cast<uint8_t>((j >> 1) * 64 + (j & 1) * 32 + pos);
+    // Round 2, from (A, B) = 16 positions x 4 bytes each: position 8 (h % 2) + m / 8, byte j = m % 8 (4..7 from B).
+    const int pos2 = 8 * (h % 2) + m / 8, j2 = m % 8;
+    idx_c8[m] = static_cast<uint8_t>(j2 < 4 ? 4 * pos2 + j2 : 64 + 4 * pos2 + j2 - 4);
+  }
+  const __m512i i4 = _mm512_load_si512(idx_c4), i8 = _mm512_load_si512(idx_c8);
   const __m512i ones = _mm512_set1_epi8(1);
   const uint8_t* w = p.w + tile * p.row_bytes * kBinaryTile;
   const int64_t stride = gemm_stride(p);
-  alignas(64) uint64_t words[kBinaryTile];   // per position: bytes c0..c0+7
+  alignas(64) uint64_t words[8];   // per row: bytes c0..c0+7
   for (int64_t c0 = 0; c0 < p.row_bytes; c0 += 8) {
     const uint8_t* src = w + c0 * kBinaryTile;
     const __m512i z0 = _mm512_loadu_si512(src), z1 = _mm512_loadu_si512(src + 64);
     const __m512i z2 = _mm512_loadu_si512(src + 128), z3 = _mm512_loadu_si512(src + 192);
-    const __m512i a_lo = _mm512_permutex2var_epi8(z0, i4lo, z1), a_hi = _mm512_permutex2var_epi8(z0, i4hi, z1);
-    const __m512i b_lo = _mm512_permutex2var_epi8(z2, i4lo, z3), b_hi = _mm512_permutex2var_epi8(z2, i4hi, z3);
-    _mm512_store_si512(words, _mm512_permutex2var_epi8(a_lo, i8lo, b_lo));
-    _mm512_store_si512(words + 8, _mm512_permutex2var_epi8(a_lo, i8hi, b_lo));
-    _mm512_store_si512(words + 16, _mm512_permutex2var_epi8(a_hi, i8lo, b_hi));
-    _mm512_store_si512(words + 24, _mm512_permutex2var_epi8(a_hi, i8hi, b_hi));
-    for (int pos = 0; pos < kBinaryTile; ++pos)   // binary_tile_pos is its own inverse: the row at `pos`
-      _mm512_store_si512(qrows + binary_tile_pos(pos) * stride + 8 * c0,
-                         _mm512_maskz_mov_epi8(_load_mask64(reinterpret_cast<__mmask64*>(words + pos)), ones));
+    const __m512i a = _mm512_permutex2var_epi8(z0, i4, z1), b = _mm512_permutex2var_epi8(z2, i4, z3);
+    _mm512_store_si512(words, _mm512_permutex2var_epi8(a, i8, b));
+    for (int r = 0; r < 8; ++r)
+      _mm512_store_si512(qrows + r * stride + 8 * c0,
+                         _mm512_maskz_mov_epi8(_load_mask64(reinterpret_cast<__mmask64*>(words + r)), ones));
   }
 }
 
@@ -666,14 +662,22 @@ bool cpu_has_vbmi() {
   return __builtin_cpu_supports("avx512vbmi");
 }
 
-// Binary tiles [tile0, tile1): unpack a tile's 32 rows (32 x padded_k bytes, in L2), run them.
+// Binary tiles [tile0, tile1): unpack 8 rows at a time (in L1; without VBMI a tile's 32 rows, in L2), run them.
 void gemm_binary_avx512(const Problem& p, const int32_t* xsums, int64_t tile0, int64_t tile1) {
   static const bool vbmi = cpu_has_vbmi();
   AlignedBytes qrows(kBinaryTile * gemm_stride(p));
   for (int64_t tile = tile0; tile < tile1; ++tile) {
-    if (vbmi) unpack_binary_tile_avx512(p, tile, qrows.data);
-    else unpack_binary_tile(p, tile, qrows.data, gemm_stride(p));
-    gemm_rows(p, xsums, qrows.data, tile * kBinaryTile, std::min((tile + 1) * kBinaryTile, p.rows));
+    if (!vbmi) {
+      unpack_binary_tile(p, tile, qrows.data, gemm_stride(p));
+      gemm_rows(p, xsums, qrows.data, tile * kBinaryTile, std::min((tile + 1) * kBinaryTile, p.rows));
+      continue;
+    }
+    for (int h = 0; h < 4; ++h) {   // 8 rows at a time, from the first row of positions 8h on
+      const int64_t n0 = tile * kBinaryTile + binary_tile_pos(8 * h);
+      if (n0 >= p.rows) continue;
+      unpack_binary_rows8_avx512(p, tile, h, qrows.data);
+      gemm_rows(p, xsums, qrows.data, n0, std::min(n0 + 8, p.rows));
+    }
   }
 }
 #endif  // QAT_X86
