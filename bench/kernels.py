@@ -1,6 +1,7 @@
 """Packed low-bit kernels vs torch's dense and low-bit CPU paths, side by side in one run.
 
-    python bench/kernels.py [--threads 2] [--reps 30] [--e2e-models 700M,1.3B,8x2048] [--skip-e2e]
+    python bench/kernels.py [--threads 2] [--reps 30] [--shapes 4096x4096] [--e2e-models 700M,1.3B,8x2048]
+        [--skip-kernels] [--skip-e2e]
 
 For (K, N) in (2048, 2048), (4096, 4096), (4096, 11008) and batch 1, 8, 64, times y = x W^T for: torch fp32 and
 bf16 ``F.linear``, torch w4a16 ``_weight_int4pack_mm_for_cpu`` (group 128), torch int8 dynamic quantization
@@ -61,6 +62,20 @@ def best_seconds(fn, reps: int) -> float:
     return min(times)
 
 
+def interleaved_best_seconds(calls: dict, reps: int) -> dict:
+    """Fastest of ``reps`` calls of each, taken in turns (A, B, C, A, B, C, ...): on a shared machine a burst of
+    load then slows one call of every method instead of every call of one, so the ratios stay comparable."""
+    for fn in calls.values():
+        fn()
+    best = {name: float("inf") for name in calls}
+    for _ in range(reps):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def memory_read_gbps(nbytes: int, reps: int) -> float:
     """Read bandwidth of a buffer far larger than the cache (torch sum over int64s, all threads)."""
     buf = torch.ones(nbytes // 8, dtype=torch.int64)
@@ -81,7 +96,7 @@ class Rotation:
 
 
 def make_methods(k: int, n: int, min_total: int, resident: bool):
-    """name -> (callable(x_fp32, x_bf16), weight bytes per call). Built lazily per method to bound memory."""
+    """name -> factory of (callable(x_fp32, x_bf16), weight bytes per call)."""
     gen = torch.Generator().manual_seed(0)
 
     def dense(dtype):
@@ -122,24 +137,24 @@ def make_methods(k: int, n: int, min_total: int, resident: bool):
             "ternary 2b": lambda: packed(2), "binary 1b": lambda: packed(1)}
 
 
-def kernel_table(reps: int, llc: int, read_gbps: float) -> None:
+def kernel_table(reps: int, llc: int, read_gbps: float, shapes=SHAPES) -> None:
     min_total = 2 * llc
     print("\n| K x N | batch | mode | " + " | ".join(
         ["fp32 ms", "bf16 ms", "int4 ms", "int8 ms", "tern ms", "bin ms",
          "tern/fp32", "tern/bf16", "tern/best-lowbit", "bin/fp32", "bin/bf16", "bin/best-lowbit",
          "tern GB/s (% of read BW)", "bin GB/s (% of read BW)"]) + " |")
     print("|" + "---|" * 17)
-    for k, n in SHAPES:
+    for k, n in shapes:
         for resident in (True, False):
             factories = make_methods(k, n, min_total, resident)
-            results = {b: {} for b in BATCHES}
-            for name, factory in factories.items():
-                call, nbytes = factory()
-                for batch in BATCHES:
-                    x = torch.randn(batch, k)
-                    xb = x.bfloat16()
-                    results[batch][name] = (best_seconds(functools.partial(call, x, xb), reps), nbytes)
-                del call
+            methods = {name: factory() for name, factory in factories.items()}
+            results = {}
+            for batch in BATCHES:
+                x = torch.randn(batch, k)
+                calls = {name: functools.partial(call, x, x.bfloat16()) for name, (call, _) in methods.items()}
+                best = interleaved_best_seconds(calls, reps)
+                results[batch] = {name: (best[name], nbytes) for name, (_, nbytes) in methods.items()}
+            del methods, calls
             for batch in BATCHES:
                 r = {name: t for name, (t, _) in results[batch].items()}
                 best_low = min(r["int4 w4a16"], r["int8 dyn"])
@@ -259,6 +274,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES),
+                        help="comma-separated KxN of the kernel table")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--e2e-models", default="700M,1.3B,8x2048",
                         help=f"comma-separated, from: {', '.join(E2E_MODELS)}")
@@ -271,7 +288,11 @@ def main() -> None:
           f"{llc / 2**20:.0f} MiB, streamed sets rotate over >= {2 * llc / 2**20:.0f} MiB, "
           f"memory read bandwidth {read_gbps:.1f} GB/s")
     if not args.skip_kernels:
-        kernel_table(args.reps, llc, read_gbps)
+        try:
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        except ValueError:
+            parser.error(f"--shapes: expected KxN[,KxN...], e.g. 4096x4096, got {args.shapes!r}")
+        kernel_table(args.reps, llc, read_gbps, shapes)
         head_table(args.reps, read_gbps)
     models = [m for m in args.e2e_models.split(",") if m]
     unknown = [m for m in models if m not in E2E_MODELS]
