@@ -1,6 +1,7 @@
-"""Packed low-bit kernels vs torch's dense and low-bit CPU paths, side by side in one run (issue 4).
+"""Packed low-bit kernels vs torch's dense and low-bit CPU paths, side by side in one run.
 
-    python bench/kernels.py [--threads 2] [--reps 30] [--e2e-models 700M,1.3B,8x2048] [--skip-e2e]
+    python bench/kernels.py [--threads 2] [--reps 30] [--shapes 4096x4096] [--e2e-models 700M,1.3B,8x2048]
+        [--skip-kernels] [--skip-e2e]
 
 For (K, N) in (2048, 2048), (4096, 4096), (4096, 11008) and batch 1, 8, 64, times y = x W^T for: torch fp32 and
 bf16 ``F.linear``, torch w4a16 ``_weight_int4pack_mm_for_cpu`` (group 128), torch int8 dynamic quantization
@@ -9,14 +10,17 @@ weight resident in cache (one weight reused) and streamed from memory (rotating 
 twice the last-level cache). Prints the best of --reps calls, ratios vs fp32 / bf16 / the best torch low-bit
 path, and the packed kernels' achieved GB/s over packed bytes vs the memory read bandwidth measured here. Then
 the fp32 lm_head GEMV a packed model keeps, torch vs qat, and end-to-end greedy decode tokens/s of BitNet models
-with random weights: packed (``pack_model``, ternary and binary) vs the same model in HF fp32. Models
+with random weights: packed (``pack_model``, ternary and binary; decoded by HF ``generate`` and by qat's
+``PackedDecoder``) vs the same model in HF fp32, and a breakdown of one qat decode step. Models
 (``E2E_MODELS``): ``700M`` and ``1.3B`` = the BitNet b1.58 shapes of the paper's FAQ (hidden 1536 / 2048, FFN
 4096 / 5460, 24 / 32 heads, 24 layers, LLaMA vocabulary 32000), ``8x2048`` = 8 layers of hidden 2048, FFN 5632,
-whose fp32 ``lm_head`` is a much larger share of the packed model's bytes.
+whose fp32 ``lm_head`` is a much larger share of the packed model's bytes, ``tiny`` = the tiny recipes' shape
+(a smoke run).
 """
 
 import argparse
 import copy
+import functools
 import re
 import subprocess
 import time
@@ -31,7 +35,7 @@ SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008)]
 HEAD_SHAPES = [(32000, 1536), (32000, 2048)]   # lm_head of the end-to-end models
 # name -> (layers, hidden, intermediate, heads, vocab)
 E2E_MODELS = {"700M": (24, 1536, 4096, 24, 32000), "1.3B": (24, 2048, 5460, 32, 32000),
-              "8x2048": (8, 2048, 5632, 16, 32000)}
+              "8x2048": (8, 2048, 5632, 16, 32000), "tiny": (4, 256, 768, 4, 4096)}
 BATCHES = [1, 8, 64]
 INT4_GROUP = 128
 
@@ -58,6 +62,20 @@ def best_seconds(fn, reps: int) -> float:
     return min(times)
 
 
+def interleaved_best_seconds(calls: dict, reps: int) -> dict:
+    """Fastest of ``reps`` calls of each, taken in turns (A, B, C, A, B, C, ...): on a shared machine a burst of
+    load then slows one call of every method instead of every call of one, so the ratios stay comparable."""
+    for fn in calls.values():
+        fn()
+    best = {name: float("inf") for name in calls}
+    for _ in range(reps):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def memory_read_gbps(nbytes: int, reps: int) -> float:
     """Read bandwidth of a buffer far larger than the cache (torch sum over int64s, all threads)."""
     buf = torch.ones(nbytes // 8, dtype=torch.int64)
@@ -78,7 +96,7 @@ class Rotation:
 
 
 def make_methods(k: int, n: int, min_total: int, resident: bool):
-    """name -> (callable(x_fp32, x_bf16), weight bytes per call). Built lazily per method to bound memory."""
+    """name -> factory of (callable(x_fp32, x_bf16), weight bytes per call)."""
     gen = torch.Generator().manual_seed(0)
 
     def dense(dtype):
@@ -90,8 +108,9 @@ def make_methods(k: int, n: int, min_total: int, resident: bool):
 
     def int4():
         scale_zero = torch.stack([torch.full((k // INT4_GROUP, n), 0.01), torch.zeros(k // INT4_GROUP, n)], -1)
-        make = lambda _: torch._convert_weight_to_int4pack_for_cpu(
-            torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1)
+        def make(_):
+            return torch._convert_weight_to_int4pack_for_cpu(
+                torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1)
         rot = Rotation(make, n * k // 2, min_total, resident)
         return (lambda x, xb: torch._weight_int4pack_mm_for_cpu(xb, rot.next(), INT4_GROUP, scale_zero.bfloat16())), \
             n * k // 2
@@ -108,7 +127,8 @@ def make_methods(k: int, n: int, min_total: int, resident: bool):
         row_bytes = padded_in_features(k, bits) * bits // 8
         scale = torch.full((n, 1), 0.01)
         shape = (n, row_bytes) if bits == 2 else (-(-n // BINARY_TILE), row_bytes, BINARY_TILE)   # kernel layouts
-        make = lambda _: torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        def make(_):
+            return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
         rot = Rotation(make, n * row_bytes, min_total, resident)
         return (lambda x, xb: packed_linear(x, rot.next(), scale, bits, k, k)), n * row_bytes
 
@@ -117,24 +137,24 @@ def make_methods(k: int, n: int, min_total: int, resident: bool):
             "ternary 2b": lambda: packed(2), "binary 1b": lambda: packed(1)}
 
 
-def kernel_table(reps: int, llc: int, read_gbps: float) -> None:
+def kernel_table(reps: int, llc: int, read_gbps: float, shapes=SHAPES) -> None:
     min_total = 2 * llc
-    print(f"\n| K x N | batch | mode | " + " | ".join(
+    print("\n| K x N | batch | mode | " + " | ".join(
         ["fp32 ms", "bf16 ms", "int4 ms", "int8 ms", "tern ms", "bin ms",
          "tern/fp32", "tern/bf16", "tern/best-lowbit", "bin/fp32", "bin/bf16", "bin/best-lowbit",
          "tern GB/s (% of read BW)", "bin GB/s (% of read BW)"]) + " |")
     print("|" + "---|" * 17)
-    for k, n in SHAPES:
+    for k, n in shapes:
         for resident in (True, False):
             factories = make_methods(k, n, min_total, resident)
-            results = {b: {} for b in BATCHES}
-            for name, factory in factories.items():
-                call, nbytes = factory()
-                for batch in BATCHES:
-                    x = torch.randn(batch, k)
-                    xb = x.bfloat16()
-                    results[batch][name] = (best_seconds(lambda: call(x, xb), reps), nbytes)
-                del call
+            methods = {name: factory() for name, factory in factories.items()}
+            results = {}
+            for batch in BATCHES:
+                x = torch.randn(batch, k)
+                calls = {name: functools.partial(call, x, x.bfloat16()) for name, (call, _) in methods.items()}
+                best = interleaved_best_seconds(calls, reps)
+                results[batch] = {name: (best[name], nbytes) for name, (_, nbytes) in methods.items()}
+            del methods, calls
             for batch in BATCHES:
                 r = {name: t for name, (t, _) in results[batch].items()}
                 best_low = min(r["int4 w4a16"], r["int8 dyn"])
@@ -166,26 +186,58 @@ def head_table(reps: int, read_gbps: float) -> None:
               f"{nbytes / torch_s / 1e9:.1f} | {qat_gbps:.1f} ({100 * qat_gbps / read_gbps:.0f}%) |", flush=True)
 
 
-def decode_tokens_per_second(models: dict, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> dict:
-    """Greedy-decode tokens/s of each model, best of ``rounds`` runs taken in turns (model A, B, C, A, B, C, ...),
-    so that a burst of load on this shared machine hits one run of every model rather than all runs of one."""
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    best = {name: float("inf") for name in models}
+def decode_tokens_per_second(runners: dict, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> dict:
+    """Greedy-decode tokens/s of each runner (``runner(prompt, new_tokens) -> ids``), best of ``rounds`` runs taken in
+    turns (A, B, C, A, B, C, ...), so that a burst of load on this shared machine hits one run of every runner rather
+    than all runs of one."""
+    best = {name: float("inf") for name in runners}
     with torch.no_grad():
-        for model in models.values():   # warm up
-            model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+        for run in runners.values():   # warm up
+            run(prompt, 2)
         for _ in range(rounds):
-            for name, model in models.items():
+            for name, run in runners.items():
                 start = time.perf_counter()
-                out = model.generate(prompt, **kwargs)
+                out = run(prompt, new_tokens)
                 best[name] = min(best[name], time.perf_counter() - start)
                 assert out.shape[1] == prompt.shape[1] + new_tokens
     return {name: new_tokens / seconds for name, seconds in best.items()}
 
 
+def hf_runner(model):
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    return lambda prompt, n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
+
+
+def decode_step_breakdown(decoder, reps: int = 20) -> dict:
+    """Milliseconds of one decode step of ``decoder`` (a ``PackedDecoder`` after a 16-token prompt), and of its parts
+    run alone on same-shaped inputs: the packed matmuls (fused q/k/v, o, fused gate/up, down of every layer), the
+    full-precision head (final norm + lm_head); the rest (norms, RoPE, attention, cache, Python) is the difference."""
+    hidden = decoder.config.hidden_size
+    token = torch.zeros(1, 1, dtype=torch.long)
+    x = torch.randn(1, 1, hidden)
+    inner = torch.randn(1, 1, decoder.config.intermediate_size)
+
+    def step():
+        decoder.reset(17)
+        decoder.length = 16
+        decoder.forward(token)
+
+    def packed():
+        for block in decoder.blocks:
+            block.qkv(x), block.o_proj(x), block.gate_up(x), block.down_proj(inner)
+
+    with torch.no_grad():
+        decoder.reset(17)
+        total, matmuls = best_seconds(step, reps), best_seconds(packed, reps)
+        head = best_seconds(lambda: decoder.lm_head(decoder.norm(x)), reps)
+    return {"step": total * 1e3, "packed matmuls": matmuls * 1e3, "head": head * 1e3,
+            "rest": (total - matmuls - head) * 1e3}
+
+
 def end_to_end(name: str, new_tokens: int) -> None:
     from qat.nn.config import ArchConfig, QuantConfig
     from qat.nn.convert import build_model, convert_to_qat
+    from qat.nn.decoder import PackedDecoder
     from qat.nn.packed_linear import pack_model
 
     layers, hidden, intermediate, heads, vocab = E2E_MODELS[name]
@@ -194,18 +246,27 @@ def end_to_end(name: str, new_tokens: int) -> None:
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads)
     dense = build_model(arch).eval()
     params = sum(p.numel() for p in dense.parameters())
-    models = {"HF fp32": dense}
+    runners = {"HF fp32": hf_runner(dense)}
+    decoders = {}
     for kind, weight in (("ternary", "absmean_ternary"), ("binary", "absmean_binary")):
-        models[f"packed {kind} (qat)"] = pack_model(convert_to_qat(copy.deepcopy(dense), QuantConfig(weight=weight)),
-                                                    inplace=True)
+        packed = pack_model(convert_to_qat(copy.deepcopy(dense), QuantConfig(weight=weight)), inplace=True)
+        decoders[kind] = PackedDecoder(packed)
+        runners[f"packed {kind}, HF generate"] = hf_runner(packed)
+        runners[f"packed {kind}, qat decoder"] = functools.partial(decoders[kind].generate, eos_token_id=[])
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
-    tokens_per_s = decode_tokens_per_second(models, prompt, new_tokens)
+    tokens_per_s = decode_tokens_per_second(runners, prompt, new_tokens)
     print(f"\nEnd-to-end greedy decode, BitNet {name}: {layers} layers, hidden {hidden}, intermediate "
           f"{intermediate}, {heads} heads, vocab {vocab} ({params / 1e6:.0f}M params), {new_tokens} new tokens after "
           "a 16-token prompt, best of 3 runs taken in turns:")
-    print("| model | tokens/s | ratio |\n|---|---|---|")
-    for model_name, tps in tokens_per_s.items():
-        print(f"| {model_name} | {tps:.2f} | {tps / tokens_per_s['HF fp32']:.1f}x |")
+    print("| model | tokens/s | vs HF fp32 |\n|---|---|---|")
+    for runner_name, tps in tokens_per_s.items():
+        print(f"| {runner_name} | {tps:.2f} | {tps / tokens_per_s['HF fp32']:.1f}x |")
+    print("One decode step of the qat decoder, ms (parts timed alone, best of 20):")
+    print("| model | step | packed matmuls | head (norm + fp32 lm_head) | rest |\n|---|---|---|---|---|")
+    for kind, decoder in decoders.items():
+        parts = decode_step_breakdown(decoder)
+        print(f"| {kind} | " + " | ".join(f"{parts[k]:.2f}" for k in ("step", "packed matmuls", "head", "rest"))
+              + " |", flush=True)
 
 
 def main() -> None:
@@ -213,6 +274,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES),
+                        help="comma-separated KxN of the kernel table")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--e2e-models", default="700M,1.3B,8x2048",
                         help=f"comma-separated, from: {', '.join(E2E_MODELS)}")
@@ -225,7 +288,11 @@ def main() -> None:
           f"{llc / 2**20:.0f} MiB, streamed sets rotate over >= {2 * llc / 2**20:.0f} MiB, "
           f"memory read bandwidth {read_gbps:.1f} GB/s")
     if not args.skip_kernels:
-        kernel_table(args.reps, llc, read_gbps)
+        try:
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        except ValueError:
+            parser.error(f"--shapes: expected KxN[,KxN...], e.g. 4096x4096, got {args.shapes!r}")
+        kernel_table(args.reps, llc, read_gbps, shapes)
         head_table(args.reps, read_gbps)
     models = [m for m in args.e2e_models.split(",") if m]
     unknown = [m for m in models if m not in E2E_MODELS]

@@ -17,12 +17,13 @@
 // whole blocks so the kernels have no tails. Integer sums are exact; the float epilogue rounds once per group and
 // once for the division, identically in every path.
 //
-// Paths (chosen at run time, forced by name from Python via QAT_KERNEL_PATH): "avx512_vnni" (ternary: vpdpbusd on
-// 64-byte blocks; from kIntMmMinTokens tokens on, both unpack to int8 once per call and use at::_int_mm, i.e.
-// oneDNN with AMX/VNNI; binary decode and small batches run the AVX2 code, which is shuffle-bound, not
-// multiply-bound), "avx2" (ternary: vpmaddubsw + vpmaddwd; binary: table lookup), "portable" (plain C++ over the
-// layouts' definition). Prefill (tiles of kTokenTile tokens) unpacks a row (or a binary tile) to bytes once and
-// streams the tokens over it.
+// Paths (chosen at run time, forced by name from Python via QAT_KERNEL_PATH): "avx512_vnni" (decode, 1 token:
+// ternary vpdpbusd on 64-byte blocks, binary the AVX2 table lookup, both memory-bound; from kGemmMinTokens tokens
+// on, a VNNI GEMM: rows unpacked once to bytes in L1/L2, a 4-row x 6-token register tile of vpdpbusd; on CPUs with
+// AMX-INT8, from kIntMmMinTokens tokens on, unpack to int8 and at::_int_mm, i.e. oneDNN on AMX tiles), "avx2"
+// (ternary: vpmaddubsw + vpmaddwd; binary: table lookup), "portable" (plain C++ over the layouts' definition). AVX2
+// prefill (tiles of kTokenTile tokens) unpacks a row (or a binary tile) to bytes once and streams the tokens over
+// it.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,11 +32,13 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 #define QAT_X86 1
 #endif
@@ -44,7 +47,7 @@ namespace {
 
 constexpr int64_t kBlockBytes = 64;
 constexpr int64_t kTokenTile = 4;        // tokens that share one unpacked weight block (registers)
-constexpr int64_t kIntMmMinTokens = 32;  // from this batch on, unpack to int8 and use at::_int_mm
+constexpr int64_t kIntMmMinTokens = 32;  // AMX CPUs: from this batch on, unpack to int8 and use at::_int_mm
 constexpr int64_t kBinaryTile = 32;      // rows per binary tile
 constexpr int64_t kLutMaxTokens = 8;     // binary: up to this batch every token by table lookup, above 4-token tiles
 
@@ -141,14 +144,17 @@ __attribute__((always_inline)) inline void finish_row_unsigned(const Problem& p,
 std::vector<int32_t> group_xsums(const Problem& p) {
   std::vector<int32_t> out(p.tokens * p.groups, 0);
   const int64_t vpb = p.values_per_block();
-  for (int64_t t = 0; t < p.tokens; ++t) {
-    const int8_t* x = p.act->codes.data() + t * p.padded_k;
-    for (int64_t g = 0; g < p.groups; ++g) {
-      int32_t s = 0;
-      for (int64_t i = g * p.blocks_per_group * vpb; i < p.group_end(g) * vpb; ++i) s += x[i];
-      out[t * p.groups + g] = s;
+  // In parallel over tokens: done serially, it is a fixed cost every GEMM thread waits for.
+  at::parallel_for(0, p.tokens, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int8_t* x = p.act->codes.data() + t * p.padded_k;
+      for (int64_t g = 0; g < p.groups; ++g) {
+        int32_t s = 0;
+        for (int64_t i = g * p.blocks_per_group * vpb; i < p.group_end(g) * vpb; ++i) s += x[i];
+        out[t * p.groups + g] = s;
+      }
     }
-  }
+  });
   return out;
 }
 
@@ -169,8 +175,9 @@ void rows_portable(const Problem& p, const int32_t* xsums, int64_t n0, int64_t n
   }
 }
 
-// Binary tile -> stored bits as bytes in column order, one padded_k row per tile row (rows past the layer too).
-void unpack_binary_tile(const Problem& p, int64_t tile, uint8_t* qrows) {
+// Binary tile -> stored bits as bytes in column order, one row every `stride` bytes per tile row (rows past the layer
+// too).
+void unpack_binary_tile(const Problem& p, int64_t tile, uint8_t* qrows, int64_t stride) {
   static const std::array<uint64_t, 256> kBitBytes = [] {   // byte -> its 8 bits as 8 bytes, bit i in byte i
     std::array<uint64_t, 256> table{};
     for (int v = 0; v < 256; ++v)
@@ -180,7 +187,7 @@ void unpack_binary_tile(const Problem& p, int64_t tile, uint8_t* qrows) {
   const uint8_t* w = p.w + tile * p.row_bytes * kBinaryTile;
   for (int64_t r = 0; r < kBinaryTile; ++r) {
     const int pos = binary_tile_pos(r);
-    uint8_t* out = qrows + r * p.padded_k;
+    uint8_t* out = qrows + r * stride;
     for (int64_t c = 0; c < p.row_bytes; ++c) std::memcpy(out + 8 * c, &kBitBytes[w[c * kBinaryTile + pos]], 8);
   }
 }
@@ -301,6 +308,41 @@ __attribute__((target("avx2,fma"))) void unpack_ternary_row_avx2(const Problem& 
   }
 }
 
+// acc += u8 q x s8 x, 4 products per int32 lane, in place. GCC 12 compiles _mm512_dpbusd_epi32 on an array element
+// into two register copies per instruction (the accumulator is not kept tied), which left the GEMM front-end bound.
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void dpbusd_avx512(__m512i& acc,
+                                                                                              __m512i q,
+                                                                                              __m512i x) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(q), "v"(x));
+}
+
+// The lane sums of a, b, c, d as one vector: 13 instructions, where 4 separate reductions take ~32.
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline __m128i reduce4_avx512(
+    __m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
+}
+
+// qx[r][t][g] = the sum of lanes[r][t][0..16).
+template <int RR, int TT>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void reduce_lanes_avx512(
+    const int32_t (&lanes)[RR][TT][16], int32_t (&qx)[RR][TT][64], int64_t g) {
+  for (int t = 0; t < TT; ++t) {
+    int r = 0;
+    for (; r + 4 <= RR; r += 4) {
+      alignas(16) int32_t sums[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(sums),
+                      reduce4_avx512(_mm512_load_si512(lanes[r][t]), _mm512_load_si512(lanes[r + 1][t]),
+                                     _mm512_load_si512(lanes[r + 2][t]), _mm512_load_si512(lanes[r + 3][t])));
+      for (int i = 0; i < 4; ++i) qx[r + i][t][g] = sums[i];
+    }
+    for (; r < RR; ++r) qx[r][t][g] = _mm512_reduce_add_epi32(_mm512_load_si512(lanes[r][t]));
+  }
+}
+
 // vpdpbusd multiplies u8 weights by s8 activations and adds groups of 4 straight into int32 lanes.
 template <int RR, int TT>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_ternary_avx512(const Problem& p,
@@ -331,8 +373,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_ternary_avx512(
         }
       }
     }
+    // Lane sums, four rows at a time (reduce4_avx512), from the accumulators stored once.
+    alignas(64) int32_t lanes[RR][TT][16];
     for (int r = 0; r < RR; ++r)
-      for (int t = 0; t < TT; ++t) qx[r][t][g] = _mm512_reduce_add_epi32(acc[r][t]);
+      for (int t = 0; t < TT; ++t) _mm512_store_si512(lanes[r][t], acc[r][t]);
+    reduce_lanes_avx512<RR, TT>(lanes, qx, g);
   }
   for (int r = 0; r < RR; ++r)
     for (int t = 0; t < TT; ++t) finish_row_unsigned(p, n0 + r, t0 + t, qx[r][t], xsums + (t0 + t) * p.groups);
@@ -459,7 +504,7 @@ void binary_tiles_avx2(const Problem& p, const int32_t* xsums, const uint8_t* lu
   if (first > 0) {
     std::vector<uint8_t> qrows(kBinaryTile * p.padded_k);
     for (int64_t tile = tile0; tile < tile1; ++tile) {
-      unpack_binary_tile(p, tile, qrows.data());
+      unpack_binary_tile(p, tile, qrows.data(), p.padded_k);
       for (int64_t r = 0; r < kBinaryTile && tile * kBinaryTile + r < p.rows; ++r)
         prefill_row_avx2(p, xsums, tile * kBinaryTile + r, first, qrows.data() + r * p.padded_k);
     }
@@ -469,6 +514,188 @@ void binary_tiles_avx2(const Problem& p, const int32_t* xsums, const uint8_t* lu
     int64_t t = first;
     for (; t + 2 <= p.tokens; t += 2) lut_tile_avx2<2>(p, luts + (t - first) * lut_bytes, lut_bytes, tile, t);
     if (t < p.tokens) lut_tile_avx2<1>(p, luts + (t - first) * lut_bytes, lut_bytes, tile, t);
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI GEMM (prefill, batched decode)
+// From kGemmMinTokens tokens on, the weights are unpacked once per call into stored values as bytes (a few rows at
+// a time, so they stay in L1/L2) and a register tile of kGemmRows rows x kGemmTokens tokens streams the tokens'
+// codes over them: per 64 columns, RR + TT loads and RR * TT vpdpbusd (u8 stored value x s8 code, 4 products per
+// int32 lane), no unpacking in the inner loop. Ternary and binary share the micro-kernel; their unpacking differs.
+// Bounds: a lane gains <= 4 * 2 * 128 = 1024 per vpdpbusd, so int32 holds any in_features below 2^21 * 16.
+constexpr int kGemmRows = 4;
+constexpr int kGemmTokens = 6;
+constexpr int64_t kGemmMinTokens = 2;
+
+// Unpacked rows are kGemmStridePad bytes longer than padded_k: at a stride of a multiple of 4 KiB, the rows' bytes
+// at one column would all fall in one L1 set (4K aliasing), more rows than the set's ways.
+constexpr int64_t kGemmStridePad = 64;
+inline int64_t gemm_stride(const Problem& p) { return p.padded_k + kGemmStridePad; }
+
+// 64-byte aligned scratch for unpacked rows.
+struct AlignedBytes {
+  explicit AlignedBytes(int64_t n) : data(static_cast<uint8_t*>(std::aligned_alloc(64, (n + 63) / 64 * 64))) {
+    TORCH_CHECK(data != nullptr, "packed_linear: out of memory for ", n, " bytes of unpacked weights");
+  }
+  ~AlignedBytes() { std::free(data); }
+  AlignedBytes(const AlignedBytes&) = delete;
+  AlignedBytes& operator=(const AlignedBytes&) = delete;
+  uint8_t* data;
+};
+
+// finish_row_unsigned for 4 rows x TT tokens with one group, 4 rows per vector: the same IEEE operations in the same
+// order (int -> float, * w_scale, 0 + product, / x_scale), so results stay bit-identical to every other path. Per
+// output it is ~3 instructions where the scalar epilogue takes ~10, which mattered at small in_features.
+template <int TT>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void finish4_avx512(
+    const Problem& p, const int32_t (&lanes)[4][TT][16], const int32_t* xsums, int64_t n0, int64_t t0) {
+  const __m128 ws = _mm_loadu_ps(p.w_scale + n0);
+  for (int t = 0; t < TT; ++t) {
+    __m128i dots = reduce4_avx512(_mm512_load_si512(lanes[0][t]), _mm512_load_si512(lanes[1][t]),
+                                  _mm512_load_si512(lanes[2][t]), _mm512_load_si512(lanes[3][t]));
+    if (p.bits == 1) dots = _mm_add_epi32(dots, dots);   // binary: 2 * sum(b x) - sum(x)
+    dots = _mm_sub_epi32(dots, _mm_set1_epi32(xsums[t0 + t]));
+    const __m128 acc = _mm_add_ps(_mm_setzero_ps(), _mm_mul_ps(_mm_cvtepi32_ps(dots), ws));
+    _mm_storeu_ps(p.y + (t0 + t) * p.rows + n0, _mm_div_ps(acc, _mm_set1_ps(p.act->scales[t0 + t])));
+  }
+}
+
+// Rows n0 .. n0 + RR (stored values as bytes at qrows, stride gemm_stride) x tokens t0 .. t0 + TT.
+template <int RR, int TT>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemm_tile_avx512(const Problem& p, const int32_t* xsums,
+                                                                            const uint8_t* qrows, int64_t n0,
+                                                                            int64_t t0) {
+  const int64_t stride = gemm_stride(p);
+  const int8_t* x0 = p.act->codes.data() + t0 * p.padded_k;
+  const int64_t vpb = p.values_per_block();
+  int32_t qx[RR][TT][64];
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512i acc[RR][TT];
+#pragma GCC unroll 8
+    for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_si512();
+    const int64_t k_end = p.group_end(g) * vpb;
+    for (int64_t k = g * p.blocks_per_group * vpb; k < k_end; k += 64) {
+      __m512i q[RR];
+#pragma GCC unroll 8
+      for (int r = 0; r < RR; ++r) q[r] = _mm512_load_si512(qrows + r * stride + k);
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) {
+        const __m512i xv = _mm512_loadu_si512(x0 + t * p.padded_k + k);
+#pragma GCC unroll 8
+        for (int r = 0; r < RR; ++r) dpbusd_avx512(acc[r][t], q[r], xv);
+      }
+    }
+    // Lane sums, four rows at a time (reduce4_avx512), from the accumulators stored once.
+    alignas(64) int32_t lanes[RR][TT][16];
+#pragma GCC unroll 8
+    for (int r = 0; r < RR; ++r)
+#pragma GCC unroll 8
+      for (int t = 0; t < TT; ++t) _mm512_store_si512(lanes[r][t], acc[r][t]);
+    if constexpr (RR == 4) {
+      if (p.groups == 1) return finish4_avx512<TT>(p, lanes, xsums, n0, t0);
+    }
+    reduce_lanes_avx512<RR, TT>(lanes, qx, g);
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < TT; ++t) finish_row_unsigned(p, n0 + r, t0 + t, qx[r][t], xsums + (t0 + t) * p.groups);
+}
+
+// One tile of `tokens` (1 .. kGemmTokens) tokens from t0 on.
+template <int RR, int TT = kGemmTokens>
+void gemm_token_tile(const Problem& p, const int32_t* xsums, const uint8_t* qrows, int64_t n0, int64_t t0,
+                     int64_t tokens) {
+  if constexpr (TT >= 1) {
+    if (tokens == TT) return gemm_tile_avx512<RR, TT>(p, xsums, qrows, n0, t0);
+    gemm_token_tile<RR, TT - 1>(p, xsums, qrows, n0, t0, tokens);
+  }
+}
+
+// RR unpacked rows from n0 on, times every token, in tiles of near-equal size (8 tokens: 4 + 4, not 6 + 2).
+template <int RR>
+void gemm_rows_all_tokens(const Problem& p, const int32_t* xsums, const uint8_t* qrows, int64_t n0) {
+  const int64_t tiles = (p.tokens + kGemmTokens - 1) / kGemmTokens;
+  for (int64_t i = 0, t = 0; i < tiles; ++i) {
+    const int64_t size = p.tokens / tiles + (i < p.tokens % tiles ? 1 : 0);
+    gemm_token_tile<RR>(p, xsums, qrows, n0, t, size);
+    t += size;
+  }
+}
+
+// Rows [n0, n1), unpacked at qrows (row n at qrows + (n - n0) * gemm_stride), times every token.
+void gemm_rows(const Problem& p, const int32_t* xsums, const uint8_t* qrows, int64_t n0, int64_t n1) {
+  const int64_t stride = gemm_stride(p);
+  int64_t n = n0;
+  for (; n + kGemmRows <= n1; n += kGemmRows) gemm_rows_all_tokens<kGemmRows>(p, xsums, qrows + (n - n0) * stride, n);
+  for (; n < n1; ++n) gemm_rows_all_tokens<1>(p, xsums, qrows + (n - n0) * stride, n);
+}
+
+// Ternary rows [n0, n1): unpack kGemmRows rows (4 x padded_k bytes, in L1 for in_features <= 8192), run them.
+void gemm_ternary_avx512(const Problem& p, const int32_t* xsums, int64_t n0, int64_t n1) {
+  AlignedBytes qrows(kGemmRows * gemm_stride(p));
+  for (int64_t n = n0; n < n1; n += kGemmRows) {
+    const int64_t end = std::min(n + kGemmRows, n1);
+    for (int64_t r = n; r < end; ++r) unpack_ternary_row_avx2(p, r, qrows.data + (r - n) * gemm_stride(p));
+    gemm_rows(p, xsums, qrows.data, n, end);
+  }
+}
+
+// Binary tile -> stored bits as bytes of the 8 rows at positions 8h .. 8h + 7 (rows binary_tile_pos(8h) .. + 7, in
+// order; like unpack_binary_tile), vectorized: per 8 input bytes c0..c0+7 of the 32 positions (256 bytes,
+// c-major), two rounds of vpermt2b transpose them to one 8-byte word per row (bytes c0..c0+7), which, as a 64-bit
+// mask, selects bytes of ones: 64 stored values per masked move. 8 rows (not the tile's 32) keep the unpacked
+// rows in L1 for the GEMM that follows.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void unpack_binary_rows8_avx512(const Problem& p,
+                                                                                      int64_t tile, int h,
+                                                                                      uint8_t* qrows) {
+  alignas(64) uint8_t idx_c4[64], idx_c8[64];
+  for (int m = 0; m < 64; ++m) {
+    // Round 1, from (z0, z1) = bytes c0..c0+3 of 32 positions: position 16 (h / 2) + m / 4, byte j = m % 4.
+    const int pos = 16 * (h / 2) + m / 4, j = m % 4;
+    idx_c4[m] = static_cast<uint8_t>((j >> 1) * 64 + (j & 1) * 32 + pos);
+    // Round 2, from (A, B) = 16 positions x 4 bytes each: position 8 (h % 2) + m / 8, byte j = m % 8 (4..7 from B).
+    const int pos2 = 8 * (h % 2) + m / 8, j2 = m % 8;
+    idx_c8[m] = static_cast<uint8_t>(j2 < 4 ? 4 * pos2 + j2 : 64 + 4 * pos2 + j2 - 4);
+  }
+  const __m512i i4 = _mm512_load_si512(idx_c4), i8 = _mm512_load_si512(idx_c8);
+  const __m512i ones = _mm512_set1_epi8(1);
+  const uint8_t* w = p.w + tile * p.row_bytes * kBinaryTile;
+  const int64_t stride = gemm_stride(p);
+  alignas(64) uint64_t words[8];   // per row: bytes c0..c0+7
+  for (int64_t c0 = 0; c0 < p.row_bytes; c0 += 8) {
+    const uint8_t* src = w + c0 * kBinaryTile;
+    const __m512i z0 = _mm512_loadu_si512(src), z1 = _mm512_loadu_si512(src + 64);
+    const __m512i z2 = _mm512_loadu_si512(src + 128), z3 = _mm512_loadu_si512(src + 192);
+    const __m512i a = _mm512_permutex2var_epi8(z0, i4, z1), b = _mm512_permutex2var_epi8(z2, i4, z3);
+    _mm512_store_si512(words, _mm512_permutex2var_epi8(a, i8, b));
+    for (int r = 0; r < 8; ++r)
+      _mm512_store_si512(qrows + r * stride + 8 * c0,
+                         _mm512_maskz_mov_epi8(_load_mask64(reinterpret_cast<__mmask64*>(words + r)), ones));
+  }
+}
+
+bool cpu_has_vbmi() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vbmi");
+}
+
+// Binary tiles [tile0, tile1): unpack 8 rows at a time (in L1; without VBMI a tile's 32 rows, in L2), run them.
+void gemm_binary_avx512(const Problem& p, const int32_t* xsums, int64_t tile0, int64_t tile1) {
+  static const bool vbmi = cpu_has_vbmi();
+  AlignedBytes qrows(kBinaryTile * gemm_stride(p));
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    if (!vbmi) {
+      unpack_binary_tile(p, tile, qrows.data, gemm_stride(p));
+      gemm_rows(p, xsums, qrows.data, tile * kBinaryTile, std::min((tile + 1) * kBinaryTile, p.rows));
+      continue;
+    }
+    for (int h = 0; h < 4; ++h) {   // 8 rows at a time, from the first row of positions 8h on
+      const int64_t n0 = tile * kBinaryTile + binary_tile_pos(8 * h);
+      if (n0 >= p.rows) continue;
+      unpack_binary_rows8_avx512(p, tile, h, qrows.data);
+      gemm_rows(p, xsums, qrows.data, n0, std::min(n0 + 8, p.rows));
+    }
   }
 }
 #endif  // QAT_X86
@@ -482,6 +709,17 @@ bool cpu_has(const std::string& path) {
            __builtin_cpu_supports("avx512vnni");
 #endif
   return path == "portable";
+}
+
+// CPUID leaf 7 EDX bit 25 (AMX-INT8); oneDNN requests the tile state from the OS itself.
+bool cpu_has_amx_int8() {
+#ifdef QAT_X86
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  return (edx >> 25) & 1;
+#else
+  return false;
+#endif
 }
 
 // Unpack to int8 codes (rows, padded_k) for the at::_int_mm path: ternary rows [u0, u1), binary tiles [u0, u1).
@@ -501,7 +739,7 @@ void unpack_int8(const Problem& p, int8_t* out, int64_t u0, int64_t u1) {
   }
   std::vector<uint8_t> qrows(kBinaryTile * p.padded_k);
   for (int64_t tile = u0; tile < u1; ++tile) {
-    unpack_binary_tile(p, tile, qrows.data());
+    unpack_binary_tile(p, tile, qrows.data(), p.padded_k);
     for (int64_t r = 0; r < kBinaryTile && tile * kBinaryTile + r < p.rows; ++r)
       for (int64_t k = 0; k < p.padded_k; ++k)
         out[(tile * kBinaryTile + r) * p.padded_k + k] = static_cast<int8_t>(2 * qrows[r * p.padded_k + k] - 1);
@@ -554,9 +792,10 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
   // Work is split over rows (ternary) or 32-row tiles (binary).
   const int64_t units = binary ? p.tiles() : rows;
 
-  // Part of the avx512_vnni path: oneDNN's int8 GEMM is fast only with VNNI/AMX; on AVX2-only CPUs it is a
-  // slow reference loop and the tiled kernels below win at every batch size.
-  if (path == "avx512_vnni" && tokens >= kIntMmMinTokens && groups == 1) {
+  // Part of the avx512_vnni path on CPUs with AMX-INT8: oneDNN's int8 GEMM runs on AMX tiles there. Without AMX
+  // it is 5x slower than qat's VNNI GEMM (Sapphire Rapids class, AVX-512 VNNI only), and on AVX2-only CPUs it is
+  // a slow reference loop.
+  if (path == "avx512_vnni" && tokens >= kIntMmMinTokens && groups == 1 && cpu_has_amx_int8()) {
     // Prefill: compute-bound, so unpack once and let oneDNN's int8 GEMM (AMX/VNNI) do the products.
     at::Tensor w8 = at::empty({rows, padded_k}, packed.options().dtype(at::kChar));
     at::parallel_for(0, units, binary ? 1 : 16, [&](int64_t u0, int64_t u1) {
@@ -569,12 +808,13 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
     return;
   }
   // Sums of x per group turn unsigned sums into signed dots; the table lookup yields signed dots directly.
-  const bool lut_only = binary && path != "portable" && first_lut_token(tokens) == 0;
+  const bool gemm = path == "avx512_vnni" && tokens >= kGemmMinTokens;
+  const bool lut_only = binary && path != "portable" && !gemm && first_lut_token(tokens) == 0;
   const std::vector<int32_t> xsums = lut_only ? std::vector<int32_t>() : group_xsums(p);
   const int32_t* xs = xsums.data();
   std::vector<uint8_t> luts;   // binary table lookup: tables of the tokens from first_lut_token on
 #ifdef QAT_X86
-  if (binary && path != "portable") {
+  if (binary && path != "portable" && !gemm) {
     const int64_t first = first_lut_token(tokens), lut_bytes = padded_k / 4 * kLutBytes;
     luts.resize((tokens - first) * lut_bytes);
     at::parallel_for(first, tokens, 1, [&](int64_t t0, int64_t t1) {
@@ -585,6 +825,10 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
 #endif
   at::parallel_for(0, units, binary ? 1 : 8, [&](int64_t u0, int64_t u1) {
 #ifdef QAT_X86
+    if (gemm) {
+      if (binary) return gemm_binary_avx512(p, xs, u0, u1);
+      return gemm_ternary_avx512(p, xs, u0, u1);
+    }
     if (binary && path != "portable") {
       binary_tiles_avx2(p, xs, luts.data(), u0, u1);   // also on avx512_vnni CPUs (see the header)
       return;

@@ -22,6 +22,7 @@ def generate(model: str, prompt: str, max_new_tokens: int = 32, packed: bool = T
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qat.export.folder import is_export, verify_export
+    from qat.nn.decoder import DecoderError, PackedDecoder
     from qat.nn.packed_linear import pack_model
 
     if not Path(model, "config.json").is_file():
@@ -33,16 +34,24 @@ def generate(model: str, prompt: str, max_new_tokens: int = 32, packed: bool = T
         torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model)
     lm = AutoModelForCausalLM.from_pretrained(model, device_map="cpu", dtype=torch.float32).eval()
+    decoder = None
     if packed:
         lm = pack_model(lm, inplace=True)
+        try:   # qat's decode loop (static KV cache, fused q/k/v and gate/up); other layouts decode through HF
+            decoder = PackedDecoder(lm)
+        except DecoderError as err:
+            print(f"[qat] decoding with HF generate: {err}", file=sys.stderr)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     start = time.perf_counter()
     with torch.no_grad():
-        out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
+        if decoder is not None:
+            out = decoder.generate(ids, max_new_tokens)
+        else:
+            out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
     seconds = time.perf_counter() - start
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     print(text)
-    print(f"[qat] {out.shape[1] - ids.shape[1]} tokens in {seconds:.2f} s "
-          f"({'packed' if packed else 'unpacked'})", file=sys.stderr)
+    how = "packed, qat decoder" if decoder is not None else "packed, HF generate" if packed else "unpacked"
+    print(f"[qat] {out.shape[1] - ids.shape[1]} tokens in {seconds:.2f} s ({how})", file=sys.stderr)
     return text

@@ -4,7 +4,13 @@ The C++ extension is built on first use; the Triton path (``qat.kernels.triton_p
 tensors or by tests.
 """
 
-from qat.kernels.packed_linear import (CPU_PATHS, KernelPathError, packed_linear, packed_linear_torch, path_support,
-                                       selected_path)
+from qat.kernels.packed_linear import (
+                                       CPU_PATHS,
+                                       KernelPathError,
+                                       packed_linear,
+                                       packed_linear_torch,
+                                       path_support,
+                                       selected_path,
+)
 
 __all__ = ["packed_linear", "packed_linear_torch", "selected_path", "path_support", "CPU_PATHS", "KernelPathError"]

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 from qat.errors import QATError
 from qat.kernels.extension import KernelBuildError, load_cpu_extension
-from qat.pack.kernel_layout import (BINARY_BITS, TERNARY_BITS, unpack_binary_1bit, unpack_ternary_2bit,
-                                    values_per_block)
+from qat.pack.kernel_layout import BINARY_BITS, TERNARY_BITS, unpack_binary_1bit, unpack_ternary_2bit, values_per_block
 from qat.quant.activation import absmax_int8_per_token
 
 CPU_PATHS = ("avx512_vnni", "avx2", "portable", "torch")

@@ -9,7 +9,6 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from qat.cli.main import main
-from qat.errors import CheckpointError
 from qat.nn.bitlinear import BitLinear
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
@@ -68,7 +67,9 @@ def test_generate_cli_decodes_the_qat_models_tokens(exported, capsys):
     qat_model, tokenizer, folder = exported
     prompt = "the quick brown"
     assert main(["generate", str(folder), prompt, "--max_new_tokens", "8"]) == 0
-    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    printed = captured.out.strip().splitlines()[-1]
+    assert "(packed, qat decoder)" in captured.err
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         want = qat_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)

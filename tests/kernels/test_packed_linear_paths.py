@@ -3,16 +3,26 @@
 import pytest
 import torch
 
-from qat.kernels.packed_linear import (CPU_PATHS, KernelPathError, dense_linear, packed_linear, packed_linear_torch,
-                                       path_support, selected_path)
+from qat.kernels.packed_linear import (
+    CPU_PATHS,
+    KernelPathError,
+    dense_linear,
+    packed_linear,
+    packed_linear_torch,
+    path_support,
+    selected_path,
+)
 from tests.references.packed_linear_reference import PACKERS, assert_matches_reference, random_problem
 
 pytestmark = pytest.mark.kernels
 
 # (tokens, out_features, in_features, groups): odd sizes, sizes off the 256/512 blocks, the token tile (4) and the
-# int8-GEMM batch (32, avx512_vnni only), per-group scales on block multiples.
+# int8-GEMM batch (32, avx512_vnni with AMX only), per-group scales on block multiples. avx512_vnni's GEMM (2+ tokens)
+# splits tokens into near-equal tiles of <= 6 (7 -> 4 + 3, 8 -> 4 + 4, 13 -> 5 + 4 + 4, 64 -> 9 x 6 + 2 x 5) and rows
+# into 4-row register tiles plus single rows, unpacked rows padded off 4 KiB strides (in_features 4096, 8192).
 SHAPES = [(1, 1, 1, 1), (1, 7, 300, 1), (3, 33, 1000, 1), (5, 16, 1024, 2), (9, 65, 517, 1), (40, 24, 700, 1),
-          (33, 19, 1536, 3), (2, 4, 4096, 4)]
+          (33, 19, 1536, 3), (2, 4, 4096, 4), (6, 6, 256, 1), (7, 37, 4096, 1), (8, 35, 1024, 2), (13, 3, 777, 1),
+          (64, 70, 1536, 3), (11, 64, 8192, 16)]
 
 
 @pytest.fixture(params=CPU_PATHS)
@@ -57,16 +67,20 @@ def test_paths_agree_bitwise_and_keep_leading_dims(monkeypatch, bits):
 
 @pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
 @pytest.mark.parametrize("sign", [1, -1])
-def test_extreme_dots_do_not_overflow_narrow_accumulators(forced_path, bits, sign):
-    """Every activation code at 127 and every weight code at +-1: the largest dots the int16 lanes (vpmaddubsw sums,
-    table-lookup sums) ever hold, over 8192 inputs and 5 tokens (a 4-token tile and a decode token)."""
+@pytest.mark.parametrize("tokens", [1, 5, 13])
+def test_extreme_dots_do_not_overflow_narrow_accumulators(forced_path, bits, sign, tokens):
+    """Every activation code at +-127 and every weight code at +-1: the largest dots the int16 lanes (vpmaddubsw sums,
+    table-lookup sums) and the GEMM's int32 lanes ever hold, over 8192 inputs, for decode (1 token), a 4-token tile
+    and a decode token (5), and GEMM tiles (13)."""
     rows, k = 37, 8192
     codes = torch.full((rows, k), sign)
     packed = PACKERS[bits](codes)
     scale = torch.ones(rows, 1)
-    x = torch.full((5, k), 3.0)                          # all codes 127, x_scale = 127 / 3
+    x = torch.full((tokens, k), 3.0)                     # all codes 127, x_scale = 127 / 3
+    x[1::2] = -3.0                                       # and -127 (the codes' negative extreme) in every other token
     y = packed_linear(x, packed, scale, bits, k, k)
-    torch.testing.assert_close(y, torch.full((5, rows), sign * 3.0 * k), rtol=1e-6, atol=0)
+    expected = sign * x[:, :1] * k
+    torch.testing.assert_close(y, expected.expand(tokens, rows), rtol=1e-6, atol=0)
     assert_matches_reference(y, x, codes, scale)
 
 

@@ -1,0 +1,83 @@
+"""``PackedDecoder`` against the packed HF model it reads: equal logits (prefill, then step by step), equal tokens."""
+
+import copy
+
+import pytest
+import torch
+
+from qat.nn.config import ArchConfig, QuantConfig
+from qat.nn.convert import build_model, convert_to_qat
+from qat.nn.decoder import DecoderError, PackedDecoder, fuse_packed_linears
+from qat.nn.packed_linear import pack_model
+
+pytestmark = pytest.mark.kernels
+
+
+def packed_bitnet(weight: str, kv_heads: int = 2, seed: int = 0):
+    """Tiny random BitNet (GQA: 4 query heads over ``kv_heads``), QAT-converted and packed."""
+    torch.manual_seed(seed)
+    arch = ArchConfig(family="bitnet", vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=kv_heads)
+    return pack_model(convert_to_qat(build_model(arch), QuantConfig(weight=weight)).eval(), inplace=True)
+
+
+@pytest.mark.parametrize("weight", ["absmean_ternary", "absmean_binary"])
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_logits_equal_the_packed_hf_models(weight, kv_heads):
+    model = packed_bitnet(weight, kv_heads)
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    decoder = PackedDecoder(model)
+    decoder.reset(12)
+    got = torch.cat([decoder.forward(ids[:, :5])] + [decoder.forward(ids[:, i:i + 1]) for i in range(5, 12)], dim=1)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("weight", ["absmean_ternary", "absmean_binary"])
+def test_greedy_tokens_equal_hf_generate(weight):
+    model = packed_bitnet(weight)
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(PackedDecoder(model).generate(prompt, 10, eos_token_id=[]), want)
+
+
+def test_generate_stops_after_an_eos_token():
+    model = packed_bitnet("absmean_ternary")
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(3))
+    free = PackedDecoder(model).generate(prompt, 10, eos_token_id=[])
+    eos = int(free[0, 6 + 3])                     # the 4th new token
+    first = int((free[0, 6:] == eos).nonzero()[0])  # it may also come earlier
+    stopped = PackedDecoder(model).generate(prompt, 10, eos_token_id=eos)
+    assert torch.equal(stopped, free[:, :6 + first + 1])
+
+
+def test_fused_layers_are_bit_identical_to_separate_ones():
+    model = packed_bitnet("absmean_ternary")
+    attn = model.model.layers[0].self_attn
+    fused = fuse_packed_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    x = torch.randn(3, 64)
+    assert torch.equal(fused(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1))
+
+
+def test_unpacked_or_inlayer_models_are_a_clear_error():
+    torch.manual_seed(0)
+    arch = ArchConfig(family="bitnet", vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4)
+    qat_model = convert_to_qat(build_model(arch), QuantConfig()).eval()
+    with pytest.raises(DecoderError, match="pack the model with qat.nn.packed_linear.pack_model"):
+        PackedDecoder(qat_model)
+    inlayer = pack_model(convert_to_qat(copy.deepcopy(build_model(arch)), QuantConfig(norm_placement="inlayer")))
+    with pytest.raises(DecoderError, match="no in-layer norm"):
+        PackedDecoder(inlayer)
+
+
+def test_cache_overflow_is_a_clear_error():
+    decoder = PackedDecoder(packed_bitnet("absmean_ternary"))
+    decoder.reset(4)
+    decoder.forward(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(DecoderError, match="exceeds the cache of 4"):
+        decoder.forward(torch.zeros(1, 2, dtype=torch.long))
