@@ -28,7 +28,8 @@ SCHEME_PAPERS = {
 SMOLLM2 = ("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Metrics of eval.json that become model-index entries: key -> (Hub metric type, display name).
-CARD_METRICS = {"perplexity": ("perplexity", "Perplexity"), "bits_per_byte": ("bits_per_byte", "Bits per byte")}
+CARD_METRICS = {"perplexity": ("perplexity", "Perplexity"), "bits_per_byte": ("bits_per_byte", "Bits per byte"),
+                "accuracy": ("accuracy", "Accuracy")}
 
 
 def hub_model_id(name_or_path: Optional[str]) -> Optional[str]:
@@ -110,20 +111,60 @@ def exported_metrics(evaluation: Optional[Mapping[str, Any]]) -> dict[str, float
     exported = (evaluation or {}).get("exported")
     if not isinstance(exported, Mapping):
         return {}
-    return {key: float(exported[key]) for key in CARD_METRICS if isinstance(exported.get(key), (int, float))}
+    return {key: float(exported[key]) for key in ("perplexity", "bits_per_byte")
+            if isinstance(exported.get(key), (int, float))}
+
+
+def card_eval_results(evaluation: Optional[Mapping[str, Any]], dataset: Mapping[str, Any]) -> list:
+    """``huggingface_hub.EvalResult`` entries of the model-index: the exported model on the held-out split of its
+    training data, then (``qat eval --suite``) each suite corpus and probe."""
+    from huggingface_hub import EvalResult
+
+    # The Hub groups results by task and dataset type/config (not name): a probe has its own dataset config.
+    def result(dataset_type: str, dataset_name: str, key: str, value: float, task: str = "Language modelling",
+               config: Optional[str] = None):
+        return EvalResult(task_type="text-generation", task_name=task, dataset_type=dataset_type,
+                          dataset_name=dataset_name, dataset_config=config, dataset_split="validation",
+                          metric_type=CARD_METRICS[key][0],
+                          metric_name=CARD_METRICS[key][1], metric_value=round(float(value), 6))
+
+    results = [result(dataset.get("type", "text"), dataset.get("name", "held-out text"), key, value)
+               for key, value in exported_metrics(evaluation).items()]
+    suite = (evaluation or {}).get("suite") or {}
+    for corpus, metrics in (suite.get("corpora") or {}).items():
+        results += [result(corpus, f"{corpus} (held-out, qat eval suite)", key, metrics[key])
+                    for key in CARD_METRICS if isinstance(metrics.get(key), (int, float))]
+    for probe, metrics in (suite.get("probes") or {}).items():
+        if isinstance(metrics.get("accuracy"), (int, float)):
+            results.append(result("wikimedia/wikipedia", f"{probe} probe (held-out Wikipedia)", "accuracy",
+                                  metrics["accuracy"], task=f"Zero-shot {probe.replace('_', '-')} probe",
+                                  config=f"{probe}-probe"))
+    return results
+
+
+def card_disagreement(card_text: str, manifest: Mapping[str, Any], evaluation: Mapping[str, Any]) -> Optional[str]:
+    """What a model card's model-index reports differently from ``evaluation`` (eval.json); None if it agrees."""
+    from huggingface_hub import ModelCard
+
+    def keyed(results) -> dict[tuple[str, str], float]:
+        return {(r.dataset_name, r.metric_type): float(r.metric_value) for r in results or []}
+
+    expected = keyed(card_eval_results(evaluation, _dataset(manifest)))
+    found = keyed(ModelCard(card_text).data.eval_results)
+    for key, value in expected.items():
+        if key not in found or abs(found[key] - value) > 1e-6 * max(1.0, abs(value)):
+            return f"{key[1]} on {key[0]}: the card reports {found.get(key)}, eval.json {value}"
+    extra = sorted(set(found) - set(expected))
+    return f"the card reports {extra[0][1]} on {extra[0][0]}, which eval.json lacks" if extra else None
 
 
 def card_metadata(name: str, manifest: Mapping[str, Any], evaluation: Optional[Mapping[str, Any]] = None):
     """The card's front matter as ``huggingface_hub.ModelCardData``."""
-    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub import ModelCardData
 
     prov = manifest.get("provenance") or {}
     dataset = _dataset(manifest)
-    results = [EvalResult(task_type="text-generation", task_name="Language modelling",
-                          dataset_type=dataset.get("type", "text"), dataset_name=dataset.get("name", "held-out text"),
-                          dataset_split="validation", metric_type=CARD_METRICS[key][0],
-                          metric_name=CARD_METRICS[key][1], metric_value=round(value, 6))
-               for key, value in exported_metrics(evaluation).items()]
+    results = card_eval_results(evaluation, dataset)
     return ModelCardData(license=LICENSE, library_name=library_name(manifest["format"]), pipeline_tag="text-generation",
                          tags=card_tags(manifest), base_model=prov.get("base_model"),
                          datasets=[dataset["dataset"]] if dataset.get("dataset") else None,
@@ -189,6 +230,8 @@ def render_model_card(name: str, manifest: Mapping[str, Any], evaluation: Option
             a = evaluation["agreement"]
             lines += ["", f"Exported vs training model: max |Δlogit| {a['max_abs_logit_diff']:.2e}, "
                       f"top-1 agreement {a['top1_agreement']:.4f}."]
+        if evaluation.get("suite_table"):   # `qat eval --suite`: corpora, probes with chance, reference agreement
+            lines += ["", "### Evaluation suite", "", evaluation["suite_table"]]
         lines.append("")
     front_matter = card_metadata(name, manifest, evaluation).to_yaml()
     return f"---\n{front_matter}\n---\n\n" + "\n".join(lines)

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from qat.errors import ExportError
 from qat.export.folder import EXPORT_MANIFEST, verify_export
-from qat.export.model_card import exported_metrics
+from qat.export.model_card import card_disagreement, exported_metrics
 
 EVAL_FILE = "eval.json"      # written by `qat eval`
 CARD_FILE = "README.md"      # the model card, rewritten by `qat eval`
@@ -41,8 +41,6 @@ def check_publishable(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any
             manifest, an evaluation without the exported model's results (the last ``qat eval`` failed), or a
             model card whose model-index disagrees with ``eval.json``.
     """
-    from huggingface_hub import ModelCard
-
     folder = Path(folder)
     manifest = verify_export(folder)
     files = manifest["files"]
@@ -57,11 +55,10 @@ def check_publishable(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any
                           f"`qat eval {folder}`")
     if CARD_FILE not in files:
         raise ExportError(f"{folder} has no model card ({CARD_FILE}) in its manifest; re-export it with `qat export`")
-    card = {r.metric_type: r.metric_value for r in ModelCard((folder / CARD_FILE).read_text()).data.eval_results or []}
-    for key, value in metrics.items():
-        if key not in card or abs(float(card[key]) - value) > 1e-6 * max(1.0, abs(value)):
-            raise ExportError(f"{folder / CARD_FILE} reports {key}={card.get(key)} but {EVAL_FILE} has {value}; "
-                              f"re-run `qat eval {folder}` to rewrite the card")
+    disagreement = card_disagreement((folder / CARD_FILE).read_text(), manifest, evaluation)
+    if disagreement:
+        raise ExportError(f"{folder / CARD_FILE} disagrees with {EVAL_FILE} ({disagreement}); re-run "
+                          f"`qat eval {folder}` to rewrite the card")
     return manifest, evaluation
 
 

@@ -106,3 +106,26 @@ def test_qat_eval_rewrites_the_card_with_a_model_index_equal_to_eval_json(ternar
     assert results["perplexity"].dataset_type == "wikimedia/wikipedia"
     assert card.data.to_dict()["model-index"][0]["name"] == "tiny"
     assert "| exported |" in card.text and str(tmp_path) not in card.content
+
+
+def test_suite_results_join_the_model_index_and_a_changed_value_is_a_disagreement():
+    from qat.export.model_card import card_disagreement
+
+    manifest = {"format": "hf", "model": {"model_type": "bitnet"}, "quant": {}, "bits_per_weight": 2.0,
+                "scheme": {"name": "absmean_ternary", "description": "d", "bits": 1.58, "levels_count": 3},
+                "provenance": {"run_name": "r", "global_step": 1, "data": {"tokenizer": "bpe", "seq_len": 64}}}
+    evaluation = {"exported": {"perplexity": 300.5, "bits_per_byte": 2.5, "tokens": 10},
+                  "suite": {"corpora": {"kjv": {"perplexity": 900.25, "bits_per_byte": 3.0, "tokens": 512}},
+                            "probes": {"last_word": {"accuracy": 0.125, "chance": 0.01, "items": 8}}},
+                  "suite_table": "| eval | perplexity |\n|---|---|\n| kjv | 900.25 |"}
+    text = render_model_card("r", manifest, evaluation)
+    results = {(r.dataset_type, r.metric_type): r.metric_value for r in ModelCard(text).data.eval_results}
+    assert results == {("wikimedia/wikipedia", "perplexity"): 300.5, ("wikimedia/wikipedia", "bits_per_byte"): 2.5,
+                       ("kjv", "perplexity"): 900.25, ("kjv", "bits_per_byte"): 3.0,
+                       ("wikimedia/wikipedia", "accuracy"): 0.125}
+    assert "| kjv | 900.25 |" in text
+    assert card_disagreement(text, manifest, evaluation) is None
+    evaluation["suite"]["corpora"]["kjv"]["perplexity"] = 901.0
+    assert "perplexity on kjv" in card_disagreement(text, manifest, evaluation)
+    del evaluation["suite"]
+    assert "which eval.json lacks" in card_disagreement(text, manifest, evaluation)
