@@ -2,6 +2,9 @@
 is refused before anything is written; the llama.cpp recipe's TQ2_0/TQ1_0 exports load and give qat's perplexity
 on the same token ids."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -77,3 +80,79 @@ def test_the_llamacpp_recipe_builds_the_model_llamacpp_computes():
     default = yaml.safe_load((REPO / "recipes" / "bitnet-b158-tiny.yaml").read_text())
     model = build_model(ArchConfig(**{**default["model"]["arch"], "vocab_size": 4096}))
     assert len(gguf_export.llamacpp_incompatibilities(model)) == 2       # untied lm_head, relu²
+
+
+# llama.cpp multiplies TQ2_0/TQ1_0 weights with activations quantized to Q8_K (int8, one scale per 256 values),
+# where qat quantizes each token's activations to int8 with one absmax scale per token: the same for the 256-wide
+# inputs here, finer for the FFN down projection (768 inputs). Not bit-exact, so perplexities are compared with a
+# relative tolerance.
+PERPLEXITY_RTOL = 0.01
+HELD_OUT_BLOCKS = 6
+
+
+def llama_cpp_module():
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.fail("llama-cpp-python (the `test` extra) is not installed: run `bash scripts/setup.sh --with-test`")
+    return llama_cpp
+
+
+@pytest.fixture(scope="module")
+def llamacpp_recipe_checkpoint(tmp_path_factory):
+    """A real short `qat fit` of recipes/bitnet-b158-tiny-llamacpp.yaml; returns its last checkpoint."""
+    from tests.conftest import REPO, TINY_FIT_ARGS, run_qat
+
+    run_dir = tmp_path_factory.mktemp("runs") / "bitnet-llamacpp"
+    args = [a for a in TINY_FIT_ARGS if not a.startswith("--config") and "bitnet-b158-tiny.yaml" not in a]
+    result = run_qat("fit", "--config", str(REPO / "recipes" / "bitnet-b158-tiny-llamacpp.yaml"), *args,
+                     "--trainer.max_steps=40", f"--trainer.default_root_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def _perplexity(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Summed NLL of ids[1:] under logits[:-1] (natural log), and the token count."""
+    logits = torch.from_numpy(np.asarray(logits[: len(ids) - 1], dtype=np.float64))
+    nll = torch.nn.functional.cross_entropy(logits, torch.from_numpy(ids[1:].astype(np.int64)), reduction="sum")
+    return float(nll), len(ids) - 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["tq2_0", "tq1_0"])
+def test_llamacpp_runs_the_gguf_with_qats_perplexity(llamacpp_recipe_checkpoint, tmp_path, qtype):
+    """The same held-out token ids in llama.cpp (the exported GGUF) and in qat (the checkpoint): perplexities
+    within PERPLEXITY_RTOL."""
+    from qat.checkpoint.trained import load_trained_model
+    from qat.cli.main import main
+    from qat.data.datamodule import TextDataModule
+
+    llama_cpp = llama_cpp_module()
+    out = tmp_path / f"gguf-{qtype}"
+    assert main(["export", str(llamacpp_recipe_checkpoint), "--out_dir", str(out), "--format", f"gguf-{qtype}"]) == 0
+    trained = load_trained_model(str(llamacpp_recipe_checkpoint))
+    data = TextDataModule(**{k: v for k, v in trained.data_hparams.items() if not k.startswith("_")})
+    data.setup()
+    blocks = np.array(data.datasets["validation"].blocks[:HELD_OUT_BLOCKS], dtype=np.int64)
+    seq_len = blocks.shape[1]
+
+    with torch.no_grad():
+        qat_logits = trained.model(input_ids=torch.from_numpy(blocks)).logits.numpy()
+    llm = llama_cpp.Llama(model_path=str(out / f"model-{qtype}.gguf"), logits_all=True, n_ctx=seq_len,
+                          n_batch=seq_len, n_threads=2, verbose=False)
+    assert llm.n_vocab() == trained.model.config.vocab_size
+    qat_nll = llama_nll = 0.0
+    tokens = 0
+    for block, logits in zip(blocks, qat_logits):
+        llm.reset()
+        llm.eval(block.tolist())
+        nll, n = _perplexity(np.asarray(llm.scores[:seq_len]), block)
+        llama_nll += nll
+        qat_nll += _perplexity(logits, block)[0]
+        tokens += n
+    qat_ppl, llama_ppl = math.exp(qat_nll / tokens), math.exp(llama_nll / tokens)
+    print(f"{qtype}: {tokens} held-out tokens, perplexity qat {qat_ppl:.3f}, llama.cpp {llama_ppl:.3f} "
+          f"({llama_ppl / qat_ppl - 1:+.3%})")
+    # The model learned something (uniform guessing: perplexity = vocabulary size), so the comparison means something.
+    assert qat_ppl < trained.model.config.vocab_size / 2
+    assert llama_ppl == pytest.approx(qat_ppl, rel=PERPLEXITY_RTOL)
