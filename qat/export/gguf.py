@@ -1,7 +1,7 @@
 """GGUF export of a BitNet-architecture model with TQ2_0 / TQ1_0 ternary weights (llama.cpp ``bitnet`` graph).
 
 Written with the ``gguf`` package's ``GGUFWriter``; tensor names come from ``gguf.get_tensor_name_map`` for
-``MODEL_ARCH.BITNET`` (plus the HF names it lacks: the SubLN norms and ``lm_head``). Quantized linear layers
+``MODEL_ARCH.BITNET`` (plus the HF names it lacks: the SubLN norms). Quantized linear layers
 (qat's quantized layers or ``PackedLinear``) are written as TQ blocks that hold exactly their codes and fp16
 scales; everything else (embeddings, norms) as F32. The file is written to a temporary name and renamed.
 
@@ -64,6 +64,11 @@ def llamacpp_incompatibilities(model: nn.Module) -> list[str]:
     if not getattr(config, "tie_word_embeddings", False):
         reasons.append("its lm_head is untied (model.arch.tie_word_embeddings: false) but llama.cpp's bitnet graph "
                        "computes the logits with token_embd")
+    else:
+        out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and emb is not None and not torch.equal(out.weight, emb.weight):
+            reasons.append("its lm_head differs from embed_tokens although model.arch.tie_word_embeddings is true "
+                           "(the checkpoint is damaged)")
     act = getattr(config, "hidden_act", None)
     if act != "silu":
         reasons.append(f"its FFN computes {act}(gate)*up (model.arch.hidden_act: {act}) but llama.cpp's bitnet "

@@ -28,6 +28,8 @@ INCOMPATIBLE = {
                   "model.arch.hidden_act: relu2"),
     "in-layer norms": (lambda: tiny_model(QuantConfig(norm_placement="inlayer"), hidden=256, llamacpp=True), None,
                        "model.quant.norm_placement: inlayer"),
+    "lm_head not equal to the tied embedding": (lambda: tiny_model(QuantConfig(), hidden=256, llamacpp=True),
+                                                "lm_head_changed", "differs from embed_tokens"),
     "bias": (lambda: _with_bias(tiny_model(QuantConfig(), hidden=256, llamacpp=True)), None,
              "model.layers.0.mlp.up_proj has a bias"),
 }
@@ -40,6 +42,8 @@ def test_a_model_llamacpp_cannot_compute_is_refused_naming_the_fix(case, tmp_pat
     if config_key == "tie_word_embeddings":
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    elif config_key == "lm_head_changed":
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 1)
     elif config_key == "hidden_act":
         model.config.hidden_act = "relu2"
     assert gguf_export.llamacpp_incompatibilities(model), case
