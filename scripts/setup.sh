@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up qat on a fresh machine: a virtual environment in .venv with the pinned CPU stack, qat installed in it.
 #   bash scripts/setup.sh                 # Python side only (enough to train, export, evaluate)
-#   bash scripts/setup.sh --with-cluster  # also the local SLURM cluster the cluster tests use (needs root + apt)
+#   bash scripts/setup.sh --with-test     # also the test extra (pytest, llama-cpp-python: real llama.cpp)
+#   bash scripts/setup.sh --with-cluster  # the test extra and the local SLURM cluster the cluster tests use (needs
+#                                         # root + apt)
 # Idempotent: re-running reuses what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +24,13 @@ DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --disable-pip-version-check -r
 .venv/bin/python -c "import qat, torch, lightning, transformers, deepspeed; print('[qat setup] ok: torch', torch.__version__)"
 if [ "${1:-}" = "--with-cluster" ]; then
   bash .ci/install-system.sh
+fi
+# Test extra: real llama.cpp for the GGUF tests (after the system packages: the build needs cmake and a C++
+# compiler). The first install builds it from the sdist (~3.5 min on 2 cores); pip caches the built wheel, so later
+# runs take seconds.
+if [ "${1:-}" = "--with-cluster" ] || [ "${1:-}" = "--with-test" ]; then
+  echo "[qat setup] installing the test extra (pytest, llama-cpp-python==0.3.36)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check "pytest>=8" llama-cpp-python==0.3.36 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import llama_cpp" # fail loudly if the build above did not happen
 fi

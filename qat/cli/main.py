@@ -21,16 +21,24 @@ COMMANDS = {
     "export": "qat.cli.export:export",
     "eval": "qat.cli.evaluate:evaluate",
     "generate": "qat.cli.generate:generate",
+    "publish": "qat.cli.publish:publish",
     "submit": "qat.cli.submit:submit",
     "status": "qat.cli.submit:status",
     "cancel": "qat.cli.submit:cancel",
 }
 
 
-def _set_offline_defaults() -> None:
+# Verbs that talk to the Hugging Face Hub (uploads only; they download nothing).
+HUB_VERBS = ("publish",)
+
+
+def _set_offline_defaults(verb: str = "") -> None:
     # Nothing is ever downloaded from a hub at run time.
-    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                       "TOKENIZERS_PARALLELISM": "false"}.items():
+    defaults = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false"}
+    if verb in HUB_VERBS:
+        defaults.pop("HF_HUB_OFFLINE")
+    for key, value in defaults.items():
         os.environ.setdefault(key, value)
 
 
@@ -126,7 +134,7 @@ def _split_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
 
 def main(argv: list[str] | None = None) -> int:
     argv, debug = _split_debug_flag(list(sys.argv[1:] if argv is None else argv))
-    _set_offline_defaults()
+    _set_offline_defaults(argv[0] if argv else "")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

@@ -11,7 +11,7 @@ from qat.checkpoint.integrity import state_dict_sha256
 from qat.export.exporter import check_dtype, model_quant, model_scheme
 from qat.export.folder import check_export_target, check_finite, tokenizer_files_of, write_export_folder
 from qat.export.formats import default_format, get_format
-from qat.export.model_card import render_model_card
+from qat.export.model_card import base_model_provenance, render_model_card
 
 MODEL_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "vocab_size", "tie_word_embeddings")
@@ -49,6 +49,7 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, format: 
     fmt.check(model)
     check_finite(model.state_dict())
     scheme, quant = model_scheme(model), model_quant(model)
+    provenance = {**base_model_provenance(model), **provenance}    # the Hub id a fine-tune started from
     config = model.config.to_dict() if hasattr(model, "config") else {}
     manifest: dict[str, Any] = {
         "format": fmt.name, "dtype": dtype if fmt.uses_dtype else "float32",

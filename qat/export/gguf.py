@@ -1,9 +1,14 @@
 """GGUF export of a BitNet-architecture model with TQ2_0 / TQ1_0 ternary weights (llama.cpp ``bitnet`` graph).
 
 Written with the ``gguf`` package's ``GGUFWriter``; tensor names come from ``gguf.get_tensor_name_map`` for
-``MODEL_ARCH.BITNET`` (plus the HF names it lacks: the SubLN norms and ``lm_head``). Quantized linear layers
+``MODEL_ARCH.BITNET`` (plus the HF names it lacks: the SubLN norms). Quantized linear layers
 (qat's quantized layers or ``PackedLinear``) are written as TQ blocks that hold exactly their codes and fp16
-scales; everything else (embeddings, norms, lm_head) as F32. The file is written to a temporary name and renamed.
+scales; everything else (embeddings, norms) as F32. The file is written to a temporary name and renamed.
+
+llama.cpp's ``bitnet`` graph (``src/models/bitnet.cpp``) computes one fixed function: attn_norm -> q/k/v -> RoPE
+attention -> attn_sub_norm -> o_proj; ffn_norm -> ``silu(gate) * up`` -> ffn_sub_norm -> down; output norm; logits
+from ``token_embd`` (it loads no ``output.weight``). :func:`llamacpp_incompatibilities` lists what a model does
+differently; such a model is refused rather than written as a file that loads to another function.
 
 The export folder (formats ``gguf-tq2_0`` / ``gguf-tq1_0``) holds ``model-<qtype>.gguf``, the tokenizer files and
 ``gguf_model.json`` (the HF config and quantization); :func:`load_gguf_export` rebuilds the model from the GGUF
@@ -45,6 +50,46 @@ def ternary_layers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
         elif isinstance(module, PackedLinear):
             layers[name] = (module.codes(), module.scale, module.group_size)
     return layers
+
+
+# The recipe settings that give a model llama.cpp's bitnet graph computes (recipes/bitnet-b158-tiny-llamacpp.yaml).
+LLAMACPP_RECIPE = ("model.arch.tie_word_embeddings: true, model.arch.hidden_act: silu, model.quant.norm_placement: "
+                   "subln (recipes/bitnet-b158-tiny-llamacpp.yaml)")
+
+
+def llamacpp_incompatibilities(model: nn.Module) -> list[str]:
+    """What ``model`` computes that llama.cpp's ``bitnet`` graph does not (empty: the graph computes it)."""
+    config = getattr(model, "config", None)
+    reasons = []
+    if not getattr(config, "tie_word_embeddings", False):
+        reasons.append("its lm_head is untied (model.arch.tie_word_embeddings: false) but llama.cpp's bitnet graph "
+                       "computes the logits with token_embd")
+    else:
+        out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and emb is not None and not torch.equal(out.weight, emb.weight):
+            reasons.append("its lm_head differs from embed_tokens although model.arch.tie_word_embeddings is true "
+                           "(the checkpoint is damaged)")
+    act = getattr(config, "hidden_act", None)
+    if act != "silu":
+        reasons.append(f"its FFN computes {act}(gate)*up (model.arch.hidden_act: {act}) but llama.cpp's bitnet "
+                       "graph hard-codes silu(gate)*up")
+    if any(getattr(m, "rms_norm", None) is not None for m in model.modules()):
+        reasons.append("its quantized layers normalise their own input (model.quant.norm_placement: inlayer), "
+                       "which llama.cpp's bitnet graph has no tensor for")
+    biased = sorted(n for n, m in model.named_modules()
+                    if isinstance(m, (nn.Linear, QuantizedLinear, PackedLinear))
+                    and getattr(m, "bias", None) is not None)
+    if biased:
+        reasons.append(f"{biased[0]} has a bias, which llama.cpp's bitnet graph has no tensor for")
+    return reasons
+
+
+def check_llamacpp_graph(model: nn.Module) -> None:
+    """ExportError when llama.cpp's ``bitnet`` graph would compute another function than ``model``."""
+    reasons = llamacpp_incompatibilities(model)
+    if reasons:
+        raise ExportError("llama.cpp cannot compute this model: " + "; ".join(reasons) + ". Train a "
+                          f"llama.cpp-compatible model with {LLAMACPP_RECIPE}, or export with --format hf")
 
 
 def gguf_tensor_name(hf_name: str, n_layers: int, name_map: gguf.TensorNameMap) -> str:
@@ -100,16 +145,12 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, qtype: str = 
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "bitnet":
         raise ExportError(f"GGUF export writes llama.cpp's BitNet graph; this model is "
-                          f"{getattr(config, 'model_type', type(model).__name__)!r}. Train with model.arch.family: bitnet")
+                          f"{getattr(config, 'model_type', type(model).__name__)!r}. Train with "
+                          "model.arch.family: bitnet")
     layers = ternary_layers(model)
     if not layers:
         raise ExportError("the model has no quantized/PackedLinear layers; export the QAT model, not the base model")
-    for name, module in model.named_modules():
-        if name in layers and getattr(module, "rms_norm", None) is not None:
-            raise ExportError(f"{name} normalises its own input (norm_placement: inlayer), which llama.cpp's BitNet "
-                              "graph has no tensor for; GGUF export needs norm_placement: subln")
-        if name in layers and getattr(module, "bias", None) is not None:
-            raise ExportError(f"{name} has a bias, which llama.cpp's BitNet graph has no tensor for")
+    check_llamacpp_graph(model)
     out_file = Path(out_file)
     tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
     n_layers = config.num_hidden_layers
@@ -119,6 +160,8 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, qtype: str = 
     tensors = []
     for name, tensor in model.state_dict().items():
         module_name = name.rsplit(".", 1)[0]
+        if name == "lm_head.weight":
+            continue                                       # tied: llama.cpp computes the logits with token_embd
         if module_name in layers:
             if not name.endswith((".weight", ".packed")):
                 continue                                   # scale/bias buffers travel inside the TQ blocks
@@ -181,9 +224,7 @@ def check(model: nn.Module) -> None:
     if model_type != "bitnet":
         raise ExportError(f"GGUF export writes llama.cpp's BitNet graph; this model is {model_type!r}. Train with "
                           "model.arch.family: bitnet, or use --format " + scheme.default_export)
-    if model_quant(model).norm_placement == "inlayer":
-        raise ExportError("the quantized layers normalise their own input (norm_placement: inlayer), which "
-                          "llama.cpp's BitNet graph has no tensor for; GGUF export needs norm_placement: subln")
+    check_llamacpp_graph(model)
 
 
 def _writer(qtype: str):
@@ -224,7 +265,8 @@ def load_gguf_export(folder: str | Path) -> nn.Module:
     try:
         reader = gguf.GGUFReader(str(gguf_file))
     except Exception as e:  # gguf raises ValueError/struct errors on a damaged file
-        raise ExportError(f"cannot read {gguf_file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"cannot read {gguf_file}: {first_line}") from None
     tensors = {t.name: t for t in reader.tensors}
     hf = dict(meta["hf_config"])
     hf.pop("quantization_config", None)
@@ -247,7 +289,7 @@ def load_gguf_export(folder: str | Path) -> nn.Module:
                                                pack_ternary_2bit(codes), d, 256, activation))
     state = {}
     for key, param in model.state_dict().items():
-        if key.rsplit(".", 1)[0] in quantized:
+        if key.rsplit(".", 1)[0] in quantized or (key == "lm_head.weight" and model.config.tie_word_embeddings):
             continue
         data = torch.from_numpy(np.array(tensor(gguf_tensor_name(key, n_layers, name_map)).data, dtype=np.float32))
         state[key] = data.reshape(param.shape)
@@ -288,9 +330,13 @@ def _format(qtype: str) -> ExportFormat:
     return ExportFormat(
         name=f"gguf-{qtype}",
         description=f"llama.cpp GGUF, BitNet graph, {qtype.upper()} ternary blocks (256 weights, one fp16 scale)",
-        runtime=f"llama.cpp (`llama-cli -m {gguf_file_name(qtype)}`, BitNet architecture); qat "
+        runtime=f"[llama.cpp](https://github.com/ggml-org/llama.cpp) (`llama-cli -m {gguf_file_name(qtype)}`, "
+                "`bitnet` architecture); qat "
                 "(`qat.export.gguf.load_gguf_export`)",
-        loading_code="from qat.export.gguf import load_gguf_export\nmodel = load_gguf_export(path)",
+        loading_code=f"from llama_cpp import Llama  # pip install llama-cpp-python\n"
+                     f"llm = Llama(model_path=f\"{{path}}/{gguf_file_name(qtype)}\")\n"
+                     "# or in qat, on its packed kernels:\n"
+                     "from qat.export.gguf import load_gguf_export\nmodel = load_gguf_export(path)",
         check=check, write=_writer(qtype), load=load_gguf_export, bits_per_weight=file_bits_per_weight,
         reference=fp16_scale_reference)
 

@@ -119,3 +119,39 @@ def read_wandb_history(run_file: str | Path) -> list[dict]:
 
 def offline_run_files(save_dir: str | Path) -> list[Path]:
     return sorted(Path(save_dir).glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def read_wandb_run(run_file: str | Path) -> dict:
+    """``{"run_id", "project", "entity"}`` of an offline ``run-<id>.wandb`` file (its first run record)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for raw in _wandb_records(Path(run_file)):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "run":
+            return {"run_id": record.run.run_id, "project": record.run.project, "entity": record.run.entity}
+    return {}
+
+
+def read_wandb_artifacts(run_file: str | Path) -> list[dict]:
+    """The artifacts logged in an offline ``run-<id>.wandb`` file: name, type, aliases, metadata and
+    ``files`` ``{path: digest}`` (from the record's manifest, or the manifest file it points to)."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    artifacts = []
+    for raw in _wandb_records(Path(run_file)):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") != "artifact":
+            continue
+        a = record.artifact
+        files = {e.path: e.digest for e in a.manifest.contents}
+        if not files and a.manifest.manifest_file_path and Path(a.manifest.manifest_file_path).is_file():
+            entries = json.loads(Path(a.manifest.manifest_file_path).read_text()).get("contents", {})
+            files = {path: entry.get("digest") for path, entry in entries.items()}
+        artifacts.append({"name": a.name, "type": a.type, "run_id": a.run_id, "project": a.project,
+                          "aliases": list(a.aliases), "metadata": json.loads(a.metadata) if a.metadata else {},
+                          "files": files})
+    return artifacts

@@ -25,10 +25,12 @@ def bpe_tokenizer_files() -> dict[str, str]:
 
 
 def tiny_model(quant: Optional[QuantConfig], hidden: int = 64, family: str = "bitnet", vocab: int = 4096,
-               seed: int = 0) -> torch.nn.Module:
+               seed: int = 0, llamacpp: bool = False) -> torch.nn.Module:
+    """``llamacpp``: tied embeddings and a SiLU-gated FFN, the model llama.cpp's bitnet graph computes."""
     torch.manual_seed(seed)
     arch = ArchConfig(family=family, vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4)
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                      **({"tie_word_embeddings": True, "hidden_act": "silu"} if llamacpp else {}))
     model = build_model(arch)
     return (convert_to_qat(model, quant) if quant else model).eval()
 
@@ -36,7 +38,8 @@ def tiny_model(quant: Optional[QuantConfig], hidden: int = 64, family: str = "bi
 def write_checkpoint(path: Path, model: torch.nn.Module, quant: Optional[QuantConfig], step: int = 7) -> Path:
     """``path`` as a `qat fit` checkpoint of ``model``."""
     arch = {k: getattr(model.config, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
+                                                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                                   "tie_word_embeddings", "hidden_act")}
     arch_cfg = asdict(ArchConfig(family=model.config.model_type, **arch))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},

@@ -86,8 +86,8 @@ def test_a_good_export_evaluates_and_stays_verifiable(ternary_checkpoint, tmp_pa
 
 
 def test_a_changed_source_checkpoint_is_named(ternary_checkpoint, tmp_path, capsys):
-    from tests.export.conftest import tiny_model, write_checkpoint
     from qat.nn.config import QuantConfig
+    from tests.export.conftest import tiny_model, write_checkpoint
 
     out = tmp_path / "export"
     _export(ternary_checkpoint, out)
@@ -100,6 +100,7 @@ def test_a_changed_source_checkpoint_is_named(ternary_checkpoint, tmp_path, caps
 def test_generate_refuses_a_tampered_export(ternary_checkpoint, tmp_path, capsys):
     out = tmp_path / "export"
     _export(ternary_checkpoint, out)
-    (out / "config.json").write_text((out / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 65'))
+    config = (out / "config.json").read_text()
+    (out / "config.json").write_text(config.replace('"hidden_size": 64', '"hidden_size": 65'))
     assert main(["generate", str(out), "The"]) == 2
     assert "config.json does not match the SHA-256" in capsys.readouterr().err

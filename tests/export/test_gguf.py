@@ -26,9 +26,11 @@ def tokenizer():
 
 
 def tiny_bitnet(tokenizer, quant: QuantConfig):
+    """Tied embeddings and a SiLU-gated FFN: the model llama.cpp's bitnet graph computes."""
     torch.manual_seed(0)
     arch = ArchConfig(family="bitnet", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      hidden_act="silu")
     return convert_to_qat(build_model(arch), quant).eval()
 
 
@@ -47,7 +49,8 @@ def test_gguf_holds_exact_codes_and_scales(tokenizer, tmp_path, qtype, granulari
     codes, scale = expected[layer0]
     t = tensors["blk.0.attn_q.weight"]
     assert t.tensor_type == TQ_TYPES[qtype]
-    for hf_name, gguf_name in [(layer0, "blk.0.attn_q.weight"), ("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight")]:
+    for hf_name, gguf_name in [(layer0, "blk.0.attn_q.weight"),
+                               ("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight")]:
         codes, scale = expected[hf_name]
         t = tensors[gguf_name]
         got_codes, got_d = unpack_tq(np.asarray(t.data), t.tensor_type, tuple(codes.shape))
@@ -56,7 +59,8 @@ def test_gguf_holds_exact_codes_and_scales(tokenizer, tmp_path, qtype, granulari
         nonzero = (codes.reshape(codes.shape[0], -1, 256) != 0).any(-1)      # all-zero blocks store d = 0
         assert torch.equal(got_d[nonzero], want_d[nonzero])
     assert "blk.1.attn_sub_norm.weight" in tensors and "blk.1.ffn_sub_norm.weight" in tensors
-    assert "output.weight" in tensors and "token_embd.weight" in tensors
+    # llama.cpp's bitnet graph loads no output.weight (a file with one does not load): logits come from token_embd.
+    assert "output.weight" not in tensors and "token_embd.weight" in tensors
     norm = tensors["output_norm.weight"]
     np.testing.assert_array_equal(np.asarray(norm.data), model.model.norm.weight.detach().numpy())
 
@@ -64,7 +68,8 @@ def test_gguf_holds_exact_codes_and_scales(tokenizer, tmp_path, qtype, granulari
 def test_rows_not_multiple_of_256_are_rejected_before_writing(tokenizer, tmp_path):
     torch.manual_seed(0)
     arch = ArchConfig(family="bitnet", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4)
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                      hidden_act="silu")
     model = convert_to_qat(build_model(arch), QuantConfig())
     with pytest.raises(ExportError, match="multiple of 256"):
         export_gguf(model, tokenizer, tmp_path / "bad.gguf", "tq2_0")
@@ -73,25 +78,20 @@ def test_rows_not_multiple_of_256_are_rejected_before_writing(tokenizer, tmp_pat
         export_gguf(model, tokenizer, tmp_path / "bad.gguf", "q4_0")
 
 
-def test_qat_export_cli_writes_gguf_of_a_trained_run(tiny_ternary_run, tmp_path):
-    """The real path: a `qat fit` checkpoint -> `qat export --format gguf-tq1_0` -> gguf's reader."""
-    from qat.checkpoint.trained import load_trained_model
+def test_default_recipe_is_refused_naming_the_llamacpp_settings(tiny_ternary_run, tmp_path):
+    """The default recipe (untied lm_head, relu² FFN) is a model llama.cpp's bitnet graph computes differently:
+    `qat export --format gguf-*` refuses it in one line (exit 2) naming the recipe settings, and writes nothing."""
     from tests.conftest import run_qat
 
-    checkpoint = sorted(tiny_ternary_run.rglob("last*.ckpt")) or sorted(tiny_ternary_run.rglob("*.ckpt"))
-    assert checkpoint, f"no checkpoint under {tiny_ternary_run}"
     out = tmp_path / "gguf"
-    result = run_qat("export", str(checkpoint[-1]), "--out_dir", str(out), "--format", "gguf-tq1_0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    tensors = {t.name: t for t in GGUFReader(out / "model-tq1_0.gguf").tensors}
-    trained = load_trained_model(str(checkpoint[-1]))
-    layer = trained.model.get_submodule("model.layers.3.mlp.down_proj")
-    codes, scale = layer.quantized_weight()
-    t = tensors["blk.3.ffn_down.weight"]
-    got_codes, got_d = unpack_tq(np.asarray(t.data), t.tensor_type, tuple(codes.shape))
-    assert torch.equal(got_codes, codes.to(torch.int8))
-    assert torch.all(got_d == scale.reshape(()).half().float())
-    assert (out / "qat_export.json").is_file()
+    result = run_qat("export", str(tiny_ternary_run / "checkpoints" / "last.ckpt"), "--out_dir", str(out),
+                     "--format", "gguf-tq1_0")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "qat export: error: llama.cpp cannot compute this model" in result.stderr
+    for fix in ("model.arch.tie_word_embeddings: true", "model.arch.hidden_act: silu",
+                "recipes/bitnet-b158-tiny-llamacpp.yaml"):
+        assert fix in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
 
 
 @pytest.mark.parametrize("qtype", sorted(TQ_TYPES))
@@ -106,7 +106,8 @@ def test_gguf_export_folder_reloads_from_the_gguf_and_evaluates(tmp_path, qtype)
     from tests.export.conftest import tiny_model, write_checkpoint
 
     quant = QuantConfig(granularity="row")
-    ckpt = write_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", tiny_model(quant, hidden=256), quant)
+    ckpt = write_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt",
+                            tiny_model(quant, hidden=256, llamacpp=True), quant)
     out = tmp_path / "gguf"
     assert main(["export", str(ckpt), "--out_dir", str(out), "--format", f"gguf-{qtype}"]) == 0
     manifest = verify_export(out)
