@@ -11,6 +11,7 @@ from qat.errors import CheckpointError
 from qat.checkpoint.deepspeed import load_training_checkpoint
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
+from qat.nn.fp8_linear import FP8_STATE_BUFFERS
 
 MODEL_PREFIX = "model."
 
@@ -47,7 +48,9 @@ def load_trained_model(path: str) -> TrainedModel:
     model = build_model(arch, token_ids=hparams.get("token_ids"))
     if quant is not None:
         convert_to_qat(model, quant)
-    missing, unexpected = model.load_state_dict(model_state_dict(checkpoint), strict=False)
+    # FP8 training state (amax histories, scales) is not part of the trained model.
+    state = {k: v for k, v in model_state_dict(checkpoint).items() if k.rsplit(".", 1)[-1] not in FP8_STATE_BUFFERS}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight") or not arch.tie_word_embeddings]
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match its own architecture: missing {missing[:5]}, "
