@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch import nn
@@ -56,6 +57,8 @@ class FP8Config:
         amax_history_len: amax history window of ``delayed``.
         amax_compute_algo: ``max`` over the window or the ``most_recent`` amax (``delayed``).
         margin: scale = (fp8_max / amax) / 2^margin (``delayed``).
+        reduce_amax: take the maximum of each recorded amax over all ranks (``delayed``; TE's default), so that
+            every rank casts with the same scales and the FP8 state in a checkpoint holds for all of them.
         backend: ``emulated`` (FP8 rounding emulated in PyTorch, any device) or ``te`` (Transformer Engine
             ``te.Linear``, CUDA with compute capability >= 8.9; install ``qat[te]``).
         keep_high_precision: module-name patterns (fnmatch, full name or last component) of linears that stay
@@ -69,6 +72,7 @@ class FP8Config:
     amax_history_len: PositiveInt = 1024
     amax_compute_algo: Literal["max", "most_recent"] = "max"
     margin: NonNegativeInt = 0
+    reduce_amax: bool = True
     backend: Literal["emulated", "te"] = "emulated"
     keep_high_precision: list[str] = field(default_factory=lambda: ["lm_head", "model.layers.0.*"])
 
@@ -126,6 +130,8 @@ def _per_tensor_scale(layer: "FP8Linear", index: int, x: torch.Tensor, dtype: to
         return scale
     scale = layer.fp8_scale[index].clone()
     if args.record:
+        if args.cfg.reduce_amax and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(x_amax, op=dist.ReduceOp.MAX)
         layer.fp8_amax_history[0, index] = x_amax
     return scale
 

@@ -60,7 +60,7 @@ def te_recipe(cfg: FP8Config):
     fmt = recipe.Format.HYBRID if cfg.format == "hybrid" else recipe.Format.E4M3
     if cfg.recipe == "delayed":
         return recipe.DelayedScaling(margin=cfg.margin, fp8_format=fmt, amax_history_len=cfg.amax_history_len,
-                                     amax_compute_algo=cfg.amax_compute_algo)
+                                     amax_compute_algo=cfg.amax_compute_algo, reduce_amax=cfg.reduce_amax)
     if cfg.recipe == "current":
         return recipe.Float8CurrentScaling(fp8_format=fmt)
     return recipe.MXFP8BlockScaling(fp8_format=fmt)
