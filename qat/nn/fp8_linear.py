@@ -30,6 +30,7 @@ from qat.quant.fp8 import (
     amax,
     delayed_scaling_update,
     fp8_cast_stats,
+    mx_cast_stats,
     mx_fake_quantize,
     quantize_fp8,
     scale_from_amax,
@@ -144,19 +145,24 @@ def _update_delayed(layer: "FP8Linear", indices: slice, fp8_max: float, cfg: FP8
     layer.fp8_scale[indices] = scale
 
 
-def _collect(layer: "FP8Linear", index: int, x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+def _collect(layer: "FP8Linear", index: int, x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> None:
+    """Statistics of one cast when armed; ``scale=None``: MXFP8 blocks along the last dim (no single scale)."""
     if layer.fp8_stats is None:
         return
-    saturated, underflow = fp8_cast_stats(x, scale, dtype)
+    saturated, underflow = fp8_cast_stats(x, scale, dtype) if scale is not None else mx_cast_stats(x, dtype)
     name = OPERANDS[index]
-    layer.fp8_stats.update({f"{name}/amax": float(amax(x)), f"{name}/scale": float(scale),
-                            f"{name}/saturated_frac": saturated, f"{name}/underflow_frac": underflow})
+    layer.fp8_stats.update({f"{name}/amax": float(amax(x)), f"{name}/saturated_frac": saturated,
+                            f"{name}/underflow_frac": underflow})
+    if scale is not None:
+        layer.fp8_stats[f"{name}/scale"] = float(scale)
 
 
 def _forward_impl(x2d: torch.Tensor, weight: torch.Tensor, args: _GemmArgs):
     """``y = x @ W^T`` on FP8 operands; returns ``y`` (fp32) and what the backward needs."""
     layer, cfg = args.layer, args.cfg
     if cfg.recipe == "mxfp8":
+        _collect(layer, INPUT, x2d, None, E4M3)
+        _collect(layer, WEIGHT, weight, None, E4M3)
         y = F.linear(mx_fake_quantize(x2d, E4M3), mx_fake_quantize(weight, E4M3))
         if args.record:
             layer.fp8_amax_history[0, INPUT], layer.fp8_amax_history[0, WEIGHT] = amax(x2d), amax(weight)
@@ -179,6 +185,7 @@ def _backward_impl(grad_y: torch.Tensor, saved: tuple, args: _GemmArgs) -> tuple
     grad_y = grad_y.float()
     if cfg.recipe == "mxfp8":
         x2d, weight = saved
+        _collect(layer, GRAD_OUTPUT, grad_y, None, dtype)
         # Each GEMM quantizes its operands along its own reduction dim: out_features for dgrad, tokens for wgrad.
         grad_x = mx_fake_quantize(grad_y, dtype, dim=-1) @ mx_fake_quantize(weight.float(), E4M3, dim=0)
         grad_w = mx_fake_quantize(grad_y, dtype, dim=0).t() @ mx_fake_quantize(x2d.float(), E4M3, dim=0)

@@ -132,6 +132,15 @@ def fp8_cast_stats(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return saturated / n, underflow / max(int(nonzero.sum()), 1)
 
 
+def mx_cast_stats(x: torch.Tensor, dtype: torch.dtype, block_size: int = MX_BLOCK_SIZE) -> tuple[float, float]:
+    """:func:`fp8_cast_stats` of an MXFP8 cast in blocks along the last dim (each value divided by its block
+    scale; the zero padding of a last partial block counts as values that neither saturate nor underflow)."""
+    x = x.detach().float()
+    exponent = mx_block_exponents(x, dtype, block_size)
+    scaled = _blocks(x, block_size) * torch.exp2(-exponent).unsqueeze(-1)
+    return fp8_cast_stats(scaled, torch.ones((), device=x.device), dtype)
+
+
 def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     pad = (-x.shape[-1]) % block_size
     if pad:

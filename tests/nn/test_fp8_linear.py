@@ -129,14 +129,23 @@ def test_mxfp8_backward_runs_and_is_close_to_full_precision():
     assert ((layer.weight.grad - ref.weight.grad).norm() / ref.weight.grad.norm()) < 0.1
 
 
-def test_stats_collection():
-    layer = _layer("current")
-    layer.fp8_stats = {}
+@pytest.mark.parametrize("recipe", ["current", "delayed", "mxfp8"])
+def test_stats_collection(recipe):
+    layer = _layer(recipe)
     x, grad = _data()
-    layer(x).backward(grad)
-    assert layer.fp8_stats["input/amax"] == pytest.approx(float(x.abs().max()))
-    assert layer.fp8_stats["input/saturated_frac"] == 0.0  # current scaling never saturates
-    assert set(k.split("/")[0] for k in layer.fp8_stats) == {"input", "weight", "grad_output"}
+    layer(x).backward(grad)  # delayed: scales now from this step's amaxes
+    layer.fp8_stats = {}
+    layer(x * 4).backward(grad)
+    stats = layer.fp8_stats
+    assert stats["input/amax"] == pytest.approx(float(x.abs().max() * 4))
+    assert set(k.split("/")[0] for k in stats) == {"input", "weight", "grad_output"}
+    if recipe == "delayed":  # the input grew 4x since the scale was set: its largest values saturate
+        expected = float((x.abs() * 4 > x.abs().max()).float().mean())
+        assert stats["input/saturated_frac"] == pytest.approx(expected, abs=1e-3) and expected > 0.1
+        assert stats["input/scale"] == pytest.approx(448.0 / float(x.abs().max()), rel=1e-6)
+    else:  # current and MX scales come from the tensor itself: nothing saturates except MX's top binade
+        assert stats["input/saturated_frac"] < 0.01
+    assert 0 <= stats["grad_output/underflow_frac"] < 0.01
 
 
 def test_convert_fp_model_keeps_first_and_last_layers():
