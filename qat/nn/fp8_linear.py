@@ -23,18 +23,21 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch import nn
 
 from qat.errors import RecipeError
+from qat.nn.quantized import QuantizedLinear
 from qat.quant.fp8 import (
     E4M3,
     E5M2,
     FP8_MAX,
     amax,
     delayed_scaling_update,
+    fake_quantize_fp8_current,
     fp8_cast_stats,
     mx_cast_stats,
     mx_fake_quantize,
     quantize_fp8,
     scale_from_amax,
 )
+from qat.quant.ste import straight_through
 
 RECIPES = ("delayed", "current", "mxfp8")
 FORMATS = ("hybrid", "e4m3")
@@ -62,6 +65,9 @@ class FP8Config:
             every rank casts with the same scales and the FP8 state in a checkpoint holds for all of them.
         backend: ``emulated`` (FP8 rounding emulated in PyTorch, any device) or ``te`` (Transformer Engine
             ``te.Linear``, CUDA with compute capability >= 8.9; install ``qat[te]``).
+        quantized_layer_inputs: also cast the inputs of quantized layers (BitLinear) to E4M3 with a per-tensor
+            current scale (straight-through gradient), so their GEMM is FP8 activations x ternary codes, both exact
+            in E4M3. Needs ``model.quant.activation: none`` (FP8 replaces the int8 activations); emulated only.
         keep_high_precision: module-name patterns (fnmatch, full name or last component) of linears that stay
             in high precision; by default the output layer and the first decoder layer, as TE and the FP8
             training papers recommend.
@@ -74,6 +80,7 @@ class FP8Config:
     amax_compute_algo: Literal["max", "most_recent"] = "max"
     margin: NonNegativeInt = 0
     reduce_amax: bool = True
+    quantized_layer_inputs: bool = False
     backend: Literal["emulated", "te"] = "emulated"
     keep_high_precision: list[str] = field(default_factory=lambda: ["lm_head", "model.layers.0.*"])
 
@@ -100,6 +107,8 @@ class FP8Config:
         if self.recipe != "delayed" and (self.margin != 0 or self.amax_compute_algo != "max"):
             raise RecipeError(f"model.fp8.margin and model.fp8.amax_compute_algo apply to recipe 'delayed' only; "
                               f"remove them for recipe {self.recipe!r}")
+        if self.quantized_layer_inputs and self.backend != "emulated":
+            raise RecipeError("model.fp8.quantized_layer_inputs is emulated only; set model.fp8.backend=emulated")
 
     @property
     def history_len(self) -> int:
@@ -283,21 +292,48 @@ def fp8_candidates(model: nn.Module, cfg: FP8Config) -> list[str]:
             if type(m) is nn.Linear and not keeps_high_precision(name, cfg.keep_high_precision)]
 
 
-def convert_to_fp8(model: nn.Module, cfg: FP8Config) -> list[str]:
-    """Swap the linears ``cfg`` selects for ``FP8Linear`` (backend ``emulated``), in place; returns their names.
+def _fp8_input_hook(module: nn.Module, args: tuple) -> tuple:
+    x = args[0]
+    return (straight_through(x, fake_quantize_fp8_current(x.detach())), *args[1:])
+
+
+def add_fp8_inputs_to_quantized_layers(model: nn.Module, cfg: FP8Config) -> list[str]:
+    """Cast the input of every quantized layer not kept in high precision to E4M3 (forward pre-hook); returns
+    their names.
 
     Raises:
-        RecipeError: options of another recipe are set, or no linear layer is selected (e.g. a ternary model
-            whose only full-precision linear is the kept ``lm_head``).
+        RecipeError: a quantized layer quantizes its inputs itself (``quant.activation`` is not ``none``).
+    """
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, QuantizedLinear) and not keeps_high_precision(name, cfg.keep_high_precision)]
+    for name in names:
+        layer = model.get_submodule(name)
+        if layer.quant.activation != "none":
+            raise RecipeError(f"model.fp8.quantized_layer_inputs replaces the activation quantization of {name}; "
+                              f"set model.quant.activation: none (it is {layer.quant.activation!r})")
+        layer.register_forward_pre_hook(_fp8_input_hook)
+    return names
+
+
+def convert_to_fp8(model: nn.Module, cfg: FP8Config) -> list[str]:
+    """Swap the linears ``cfg`` selects for ``FP8Linear`` (backend ``emulated``), in place, and with
+    ``quantized_layer_inputs`` cast the inputs of quantized layers to E4M3; returns the names of all of them.
+
+    Raises:
+        RecipeError: options of another recipe are set, or no layer is selected (e.g. a ternary model whose only
+            full-precision linear is the kept ``lm_head``).
     """
     cfg.check_recipe_options()
     names = fp8_candidates(model, cfg)
+    if cfg.quantized_layer_inputs:
+        names += add_fp8_inputs_to_quantized_layers(model, cfg)
     if not names:
         raise RecipeError("model.fp8 selects no linear layer: quantized layers (BitLinear) never run in FP8 and "
                           f"model.fp8.keep_high_precision={cfg.keep_high_precision} keeps the rest; remove patterns "
                           "from keep_high_precision or drop model.fp8")
     for name in names:
-        model.set_submodule(name, FP8Linear.from_linear(model.get_submodule(name), cfg))
+        if type(model.get_submodule(name)) is nn.Linear:
+            model.set_submodule(name, FP8Linear.from_linear(model.get_submodule(name), cfg))
     return names
 
 

@@ -38,6 +38,12 @@ def dequantize_fp8(codes: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor
     return codes.float() * scale_inv
 
 
+def fake_quantize_fp8_current(x: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """``x`` rounded through ``dtype`` with its own per-tensor (current) scale and decoded back, in ``x``'s dtype."""
+    scale = scale_from_amax(amax(x), FP8_MAX[dtype])
+    return dequantize_fp8(quantize_fp8(x, scale, dtype), scale.reciprocal()).to(x.dtype)
+
+
 def amax(x: torch.Tensor) -> torch.Tensor:
     """max |x| as an fp32 scalar (NaN if ``x`` holds a NaN, 0 for an empty tensor)."""
     if x.numel() == 0:

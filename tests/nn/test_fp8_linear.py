@@ -184,3 +184,31 @@ def test_options_of_another_recipe_are_an_error():
     cfg = FP8Config(recipe="current", margin=2)
     with pytest.raises(RecipeError, match="apply to recipe 'delayed' only"):
         convert_to_fp8(build_model(TINY), cfg)
+
+
+def test_fp8_inputs_feeding_ternary_weights_are_an_exact_fp8_gemm():
+    quant = QuantConfig(activation="none")
+    model = convert_to_qat(build_model(TINY), quant)
+    names = convert_to_fp8(model, FP8Config(quantized_layer_inputs=True))
+    layer = model.model.layers[1].mlp.down_proj
+    assert isinstance(layer, BitLinear) and "model.layers.1.mlp.down_proj" in names
+    assert "model.layers.0.mlp.down_proj" not in names  # first decoder layer kept in high precision
+    x = (torch.randn(2, 9, 128) * 3).requires_grad_(True)
+    y = layer(x)
+    codes, scale = layer.quantized_weight()
+    assert set(codes.unique().tolist()) <= {-1.0, 0.0, 1.0}  # ternary codes: exact in E4M3
+    x64 = x.detach().double().reshape(-1, 128).numpy()
+    w_eff = (codes.double() * scale.double()).detach().numpy()
+    ref = _ref_fake_quant(x64, "e4m3", 448.0) @ w_eff.T
+    np.testing.assert_allclose(y.detach().reshape(-1, 64).double().numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(y.detach().reshape(-1, 64).double().numpy(), x64 @ w_eff.T, rtol=1e-4, atol=0)
+    y.sum().backward()  # straight-through: d/dx of the FP8 cast is 1
+    np.testing.assert_allclose(x.grad.reshape(-1, 128)[0].double().numpy(), w_eff.sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_inputs_need_bitlinear_without_int8_activations():
+    model = convert_to_qat(build_model(TINY), QuantConfig())
+    with pytest.raises(RecipeError, match="activation: none"):
+        convert_to_fp8(model, FP8Config(quantized_layer_inputs=True))
+    with pytest.raises(RecipeError, match="emulated only"):
+        convert_to_fp8(model, FP8Config(quantized_layer_inputs=True, backend="te"))
