@@ -175,7 +175,10 @@ def _forward_impl(x2d: torch.Tensor, weight: torch.Tensor, args: _GemmArgs):
         y = F.linear(mx_fake_quantize(x2d, E4M3), mx_fake_quantize(weight, E4M3))
         if args.record:
             layer.fp8_amax_history[0, INPUT], layer.fp8_amax_history[0, WEIGHT] = amax(x2d), amax(weight)
-        return y, (x2d, weight)
+        # The gradient GEMMs reduce over other dims (out_features for dgrad, tokens for wgrad), so input and weight
+        # are also quantized along those now, as TE's columnwise MXFP8 copies (the weight may be released after
+        # the forward, e.g. under ZeRO-3).
+        return y, (mx_fake_quantize(x2d, E4M3, dim=0), mx_fake_quantize(weight, E4M3, dim=0))
     scale_x = _per_tensor_scale(layer, INPUT, x2d, E4M3, args)
     scale_w = _per_tensor_scale(layer, WEIGHT, weight, E4M3, args)
     _collect(layer, INPUT, x2d, scale_x, E4M3)
@@ -193,11 +196,11 @@ def _backward_impl(grad_y: torch.Tensor, saved: tuple, args: _GemmArgs) -> tuple
     layer, cfg, dtype = args.layer, args.cfg, args.cfg.grad_dtype
     grad_y = grad_y.float()
     if cfg.recipe == "mxfp8":
-        x2d, weight = saved
+        x_by_tokens, w_by_out = saved
         _collect(layer, GRAD_OUTPUT, grad_y, None, dtype)
         # Each GEMM quantizes its operands along its own reduction dim: out_features for dgrad, tokens for wgrad.
-        grad_x = mx_fake_quantize(grad_y, dtype, dim=-1) @ mx_fake_quantize(weight.float(), E4M3, dim=0)
-        grad_w = mx_fake_quantize(grad_y, dtype, dim=0).t() @ mx_fake_quantize(x2d.float(), E4M3, dim=0)
+        grad_x = mx_fake_quantize(grad_y, dtype, dim=-1) @ w_by_out
+        grad_w = mx_fake_quantize(grad_y, dtype, dim=0).t() @ x_by_tokens
         if args.record:
             layer.fp8_amax_history[0, GRAD_OUTPUT] = amax(grad_y)
         return grad_x, grad_w

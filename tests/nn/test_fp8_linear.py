@@ -102,18 +102,33 @@ def test_evaluation_uses_but_does_not_update_the_state():
     assert torch.equal(layer.fp8_scale, before[0]) and torch.equal(layer.fp8_amax_history, before[1])
 
 
-def test_mxfp8_forward_matches_block_reference():
+def _mx_ref(a: np.ndarray, fmt: str = "e4m3", axis: int = -1) -> np.ndarray:
+    """float64 MX round trip in blocks of 32 along ``axis`` (zero-padded), from the OCP shared exponent."""
+    a = np.moveaxis(a, axis, -1)
+    n = a.shape[-1]
+    padded = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, (-n) % 32)])
+    blocks = padded.reshape(*padded.shape[:-1], -1, 32)
+    emax = {"e4m3": 8, "e5m2": 15}[fmt]
+    exps = np.apply_along_axis(lambda b: mx_exponent(b, emax), -1, blocks)[..., None]
+    out = (round_to_fp8(blocks / np.exp2(exps), fmt) * np.exp2(exps)).reshape(padded.shape)[..., :n]
+    return np.moveaxis(out, -1, axis)
+
+
+def test_mxfp8_forward_and_backward_match_block_reference():
     layer = _layer("mxfp8", bias=False)
-    x, _ = _data()
-    y = layer(x).detach().reshape(-1, 40).double().numpy()
-
-    def mx_ref(a):  # blocks of 32 along the last dim (96 = 3 blocks)
-        blocks = a.reshape(a.shape[0], 3, 32)
-        exps = np.array([[mx_exponent(b, 8) for b in row] for row in blocks])
-        return (round_to_fp8(blocks / np.exp2(exps)[..., None], "e4m3") * np.exp2(exps)[..., None]).reshape(a.shape)
-
-    ref = mx_ref(x.double().reshape(-1, 96).numpy()) @ mx_ref(layer.weight.detach().double().numpy()).T
-    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    x, grad = _data()
+    x.requires_grad_(True)
+    y = layer(x)
+    y.backward(grad)
+    x64, w64 = x.detach().double().reshape(-1, 96).numpy(), layer.weight.detach().double().numpy()
+    g64 = grad.double().reshape(-1, 40).numpy()
+    np.testing.assert_allclose(y.detach().reshape(-1, 40).double().numpy(), _mx_ref(x64) @ _mx_ref(w64).T,
+                               rtol=1e-5, atol=1e-5)
+    # dgrad reduces over out_features (40: one full block and a padded one), wgrad over the 51 tokens.
+    np.testing.assert_allclose(x.grad.reshape(-1, 96).double().numpy(),
+                               _mx_ref(g64, "e5m2") @ _mx_ref(w64, axis=0), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(layer.weight.grad.double().numpy(),
+                               _mx_ref(g64, "e5m2", axis=0).T @ _mx_ref(x64, axis=0), rtol=1e-5, atol=1e-9)
 
 
 def test_mxfp8_backward_runs_and_is_close_to_full_precision():
