@@ -22,6 +22,7 @@ from qat.eval.plots import plot_loss_curves, run_history
 from qat.nn.config import ArchConfig
 from qat.nn.fp8_linear import FP8Config
 from qat.train.module import QATLanguageModel, next_token_nll
+from qat.train.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "fp-baseline-tiny.yaml"
@@ -30,16 +31,17 @@ VARIANTS = {"fp32": None, "fp8-delayed": FP8Config(recipe="delayed", amax_histor
             "fp8-current": FP8Config(recipe="current"), "fp8-mxfp8": FP8Config(recipe="mxfp8")}
 
 
-def step_time(model, optimizer, ids) -> float:
+def step_time(model, optimizer, ids, precision: str) -> float:
     start = time.perf_counter()
-    loss = next_token_nll(model(ids), ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        loss = next_token_nll(model(ids), ids)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
 
-def measure_step_times(steps: int, vocab: int) -> dict[str, float]:
+def measure_step_times(steps: int, vocab: int, precision: str) -> dict[str, float]:
     recipe = yaml.safe_load(RECIPE.read_text())
     arch = ArchConfig(**{**recipe["model"]["arch"], "vocab_size": vocab})
     batch, seq = recipe["data"]["batch_size"], recipe["data"]["seq_len"]
@@ -52,11 +54,11 @@ def measure_step_times(steps: int, vocab: int) -> dict[str, float]:
     times = {k: [] for k in models}
     for rep in range(steps + 2):
         for k in models:
-            t = step_time(models[k], optims[k], ids)
+            t = step_time(models[k], optims[k], ids, precision)
             if rep >= 2:  # warm-up
                 times[k].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"step time, batch {batch}x{seq} tokens, fp32 compute, {torch.get_num_threads()} thread(s), "
+    print(f"step time, batch {batch}x{seq} tokens, precision {precision}, {torch.get_num_threads()} thread(s), "
           f"FP8 on {len(models['fp8-delayed'].fp8_layer_names)} linears (first decoder layer and lm_head kept)")
     print(f"{'variant':<14}{'median s/step':>15}{'tokens/s':>12}{'vs fp32':>10}")
     for k, v in med.items():
@@ -84,7 +86,7 @@ def train_runs(train_steps: int, out: Path) -> dict[str, dict]:
         val = [r["val/loss"] for r in rows if "val/loss" in r]
         results[name] = {"run_dir": str(run_dir), "final_val_loss": val[-1], "wall_s": time.perf_counter() - start}
     base = results["fp32"]["final_val_loss"]
-    print(f"\nheld-out loss after {train_steps} steps (same seed and data)")
+    print(f"\nheld-out loss after {train_steps} steps (same seed and data; run.precision auto)")
     for name, r in results.items():
         print(f"{name:<14}{r['final_val_loss']:>10.4f}  ({(r['final_val_loss'] - base) / base:+.2%} vs fp32)")
     return results
@@ -97,11 +99,13 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--train_steps", type=int, default=100, help="steps of each training run (0: skip)")
     parser.add_argument("--out", default="runs/bench-fp8")
+    parser.add_argument("--precision", default="auto", help="32-true, bf16-mixed, or auto (as the runs: run.precision)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"step_time_s": measure_step_times(args.steps, args.vocab)}
+    precision = resolve_precision(args.precision, "cpu")
+    summary = {"precision": precision, "step_time_s": measure_step_times(args.steps, args.vocab, precision)}
     if args.train_steps > 0:
         summary["runs"] = train_runs(args.train_steps, out)
         png = plot_loss_curves({k: v["run_dir"] for k, v in summary["runs"].items()}, out / "fp8-loss-curves.png")
