@@ -1,6 +1,8 @@
-"""FP8 emulation: step-time overhead vs FP32 measured side by side (interleaved repetitions in one process, so load
-from elsewhere hits all alike), and loss curves FP32 vs FP8 delayed / current / mxfp8 from real `qat fit` runs of
-the tiny FP recipe (same seed and data), plotted to a PNG with their final held-out losses.
+"""FP8 emulation: step-time overhead vs no FP8 measured side by side (interleaved repetitions in one process, so
+load from elsewhere hits all alike), and loss curves without FP8 vs FP8 delayed / current / mxfp8 from real
+`qat fit` runs of the tiny FP recipe (same seed and data), plotted to a PNG with their final held-out losses. The
+baseline runs at the precision the FP8 variants compute in (``--precision``, default auto as ``run.precision``:
+bf16-mixed on AVX512-BF16/AMX CPUs, else fp32).
 
     .venv/bin/python bench/fp8_emulation.py [--steps 10] [--train_steps 100] [--out runs/bench-fp8]
     .venv/bin/python bench/fp8_emulation.py --train_steps 0     # step time only
