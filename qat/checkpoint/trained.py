@@ -12,6 +12,7 @@ from qat.checkpoint.deepspeed import load_training_checkpoint
 from qat.checkpoint.integrity import non_finite_tensors
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
+from qat.nn.fp8_linear import FP8_STATE_BUFFERS
 
 MODEL_PREFIX = "model."
 
@@ -48,7 +49,8 @@ def load_trained_model(path: str) -> TrainedModel:
     model = build_model(arch, token_ids=hparams.get("token_ids"))
     if quant is not None:
         convert_to_qat(model, quant)
-    state = model_state_dict(checkpoint)
+    # FP8 training state (amax histories, scales) is not part of the trained model.
+    state = {k: v for k, v in model_state_dict(checkpoint).items() if k.rsplit(".", 1)[-1] not in FP8_STATE_BUFFERS}
     bad = non_finite_tensors(state)
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN/Inf (e.g. {bad[0]}): the run diverged "

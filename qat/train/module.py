@@ -16,6 +16,8 @@ from qat.data.tokenizer import load_tokenizer
 from qat.errors import CheckpointError
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
+from qat.train.fp8 import FP8Config, fp8_autocast, prepare_fp8, swap_to_te
+from qat.train.fp8_monitor import FP8HealthMonitor
 from qat.train.monitor import QATHealthMonitor, TokenThroughputMonitor
 from qat.train.schedule import OptimConfig, ScheduledLRAndWeightDecay
 
@@ -37,11 +39,12 @@ class QATLanguageModel(L.LightningModule):
         tokenizer_dir: set by ``qat fit`` from the data module; its files are stored in every checkpoint so an
             exported model carries the exact tokenizer it was trained with.
         health_every_n_steps: how often QAT-health metrics are logged.
+        fp8: mixed FP8 training of the full-precision linears (``null``: none).
     """
 
     def __init__(self, arch: ArchConfig = ArchConfig(), quant: Optional[QuantConfig] = QuantConfig(),
                  optim: OptimConfig = OptimConfig(), tokenizer_dir: Optional[str] = None,
-                 health_every_n_steps: int = 50):
+                 health_every_n_steps: int = 50, fp8: Optional[FP8Config] = None):
         super().__init__()
         # The default configs above are one instance shared by every call: work on copies, so that filling in
         # the vocabulary size below changes neither a default nor the caller's config.
@@ -64,9 +67,18 @@ class QATLanguageModel(L.LightningModule):
         self.model = build_model(arch, token_ids=token_ids)
         if quant is not None:
             convert_to_qat(self.model, quant)
+        self.hparams["fp8"] = asdict(fp8) if fp8 else None
+        self.fp8_cfg = fp8
+        self.fp8_layer_names = prepare_fp8(self.model, fp8)  # emulated: swapped now; te: in configure_model
+
+    def configure_model(self) -> None:
+        # TE layers must exist before the strategy (DeepSpeed) wraps the model and builds its optimizer.
+        if self.fp8_cfg is not None and self.fp8_cfg.backend == "te":
+            swap_to_te(self.model, self.fp8_layer_names)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).logits
+        with fp8_autocast(self.fp8_cfg):
+            return self.model(input_ids=input_ids).logits
 
     def compute_loss(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """The training objective; subclasses (e.g. distillation) change it here."""
@@ -109,6 +121,8 @@ class QATLanguageModel(L.LightningModule):
         callbacks = [TokenThroughputMonitor()]
         if self.quant is not None:
             callbacks.append(QATHealthMonitor(self.hparams.health_every_n_steps))
+        if self.fp8_cfg is not None and self.fp8_cfg.backend == "emulated":
+            callbacks.append(FP8HealthMonitor(self.hparams.health_every_n_steps))
         return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
