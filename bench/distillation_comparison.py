@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qat.data.datamodule import TextDataModule
-from qat.eval.perplexity import heldout_metrics, logits_agreement
 from qat.checkpoint.layout import RunLayout
 from qat.checkpoint.trained import load_trained_model
+from qat.data.datamodule import TextDataModule
+from qat.eval.perplexity import heldout_metrics, logits_agreement
 from qat.teachers import TeacherConfig, load_teacher
 
 
@@ -40,11 +40,13 @@ def main() -> None:
         metrics = heldout_metrics(lambda ids: model(input_ids=ids).logits, val, 8, bpt)
         with torch.no_grad():
             metrics["teacher_top1_agreement"] = float(np.mean([
-                logits_agreement(model(input_ids=b).logits, t)["top1_agreement"] for b, t in zip(batches, teacher_logits)]))
+                logits_agreement(model(input_ids=b).logits, t)["top1_agreement"]
+                for b, t in zip(batches, teacher_logits)]))
         results[Path(run).name] = metrics
     print(f"{'model':<28}{'ppl':>10}{'bits/byte':>11}{'top1 vs teacher':>17}")
     for name, m in results.items():
-        print(f"{name:<28}{m['perplexity']:>10.2f}{m['bits_per_byte']:>11.4f}{m.get('teacher_top1_agreement', 1.0):>17.4f}")
+        agreement = m.get('teacher_top1_agreement', 1.0)
+        print(f"{name:<28}{m['perplexity']:>10.2f}{m['bits_per_byte']:>11.4f}{agreement:>17.4f}")
     print(json.dumps(results, indent=1))
 
 

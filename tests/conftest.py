@@ -28,7 +28,8 @@ def run_qat(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproce
 
 
 TINY_FIT_ARGS = ["--config", str(REPO / "recipes" / "bitnet-b158-tiny.yaml"), "--trainer.max_steps=30",
-                 "--trainer.val_check_interval=15", "--trainer.limit_val_batches=2", "--run.checkpoint_every_n_steps=15",
+                 "--trainer.val_check_interval=15", "--trainer.limit_val_batches=2",
+                 "--run.checkpoint_every_n_steps=15",
                  "--trainer.enable_progress_bar=false", "--data.batch_size=8", "--model.health_every_n_steps=5",
                  "--model.optim.warmup_steps=5", "--trainer.log_every_n_steps=1"]
 

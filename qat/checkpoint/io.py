@@ -84,7 +84,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch.save(with_state_checksum(checkpoint), buffer)
         atomic_write_bytes(Path(path), buffer.getvalue())
 
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, path, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
         return load_checkpoint_file(path)
 
     def remove_checkpoint(self, path) -> None:

@@ -7,9 +7,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from qat.errors import CheckpointError
 from qat.checkpoint.deepspeed import load_training_checkpoint
 from qat.checkpoint.integrity import non_finite_tensors
+from qat.errors import CheckpointError
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
 from qat.nn.fp8_linear import FP8_STATE_BUFFERS

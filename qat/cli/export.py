@@ -41,7 +41,8 @@ def export(checkpoint: str, out_dir: Optional[str] = None, format: Optional[Form
         ExportError: the checkpoint cannot be written in that format, or out_dir may not be replaced.
     """
     if not Path(checkpoint).exists():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist (no such path); pass a .ckpt file or DeepSpeed checkpoint folder written "
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist (no such path); pass a .ckpt file or DeepSpeed "
+                              "checkpoint folder written "
                               "by `qat fit` (e.g. runs/<name>/checkpoints/last.ckpt)")
     layout = RunLayout.of_checkpoint(checkpoint)
     protected = [checkpoint, layout.run_dir]

@@ -6,8 +6,7 @@ from typing import Optional
 
 from qat.cluster.slurm import cancel as scancel
 from qat.cluster.slurm import job_state, queue
-from qat.cluster.submit import (SlurmJob, check_job, load_recipe, render_sbatch_script, slurm_available,
-                                submit_to_slurm)
+from qat.cluster.submit import SlurmJob, check_job, load_recipe, render_sbatch_script, slurm_available, submit_to_slurm
 from qat.errors import ClusterError
 
 

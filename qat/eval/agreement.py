@@ -4,7 +4,8 @@ Measured on the tiny BitNet recipe (30 steps, max |logit| 4.9, 2,048 held-out to
 max |Δlogit| 0.0 (an int8 activation code can still flip at an exact .5 tie in HF's compiled quantizer: ~2e-3);
 bfloat16 export 8.9e-3 (1.8e-3 of max |logit|: bf16 keeps 8 mantissa bits, 2^-9 relative rounding of the
 embeddings, norms and lm_head); top-1 agreement 1.0 in every case. GGUF exports are compared with the source
-model whose scales are rounded to fp16 as the TQ blocks store them (``ExportFormat.reference``): 0.0. A wrong or damaged export moves logits by O(max |logit|) and agrees on ~1/vocab of the tokens, so
+model whose scales are rounded to fp16 as the TQ blocks store them (``ExportFormat.reference``): 0.0. A wrong or
+damaged export moves logits by O(max |logit|) and agrees on ~1/vocab of the tokens, so
 the bounds below keep ~5-10x headroom over rounding and still separate the two by orders of magnitude.
 """
 

@@ -15,7 +15,8 @@ def heldout_metrics(logits_fn: Callable[[torch.Tensor], torch.Tensor], blocks: n
     """NLL/token, perplexity and (with ``bytes_per_token``) bits/byte of ``logits_fn`` on ``blocks`` (N, T)."""
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(blocks), batch_size), desc=desc, leave=False):
-        ids = torch.tensor(np.asarray(blocks[start:start + batch_size]), dtype=torch.long)  # copy: blocks may be a read-only memmap
+        # copy: blocks may be a read-only memmap
+        ids = torch.tensor(np.asarray(blocks[start:start + batch_size]), dtype=torch.long)
         logits = logits_fn(ids).float()
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
         total_nll += float(nll)

@@ -11,8 +11,7 @@ from torch import nn
 
 from qat.nn.config import QuantConfig
 from qat.nn.quantized import QuantizedLinear
-from qat.quant.binary import (binary_sign, fbi_binary_weight, fbi_init_scales, onebit_init_scales,
-                              onebit_weight)
+from qat.quant.binary import binary_sign, fbi_binary_weight, fbi_init_scales, onebit_init_scales, onebit_weight
 
 
 class BinaryLinear(QuantizedLinear):

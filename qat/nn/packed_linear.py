@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.bitnet import BitLinear as HFBitLinear
 
 from qat.errors import ExportError
 from qat.kernels.packed_linear import dense_linear, packed_linear, unpack_codes
@@ -20,7 +21,6 @@ from qat.nn.quantized import QuantizedLinear, quantized_layers
 from qat.nn.schemes import Scheme
 from qat.pack.hf_bitnet import unpack_ternary_hf
 from qat.pack.kernel_layout import BINARY_BITS, TERNARY_BITS, pack_binary_1bit, pack_ternary_2bit
-from transformers.integrations.bitnet import BitLinear as HFBitLinear
 
 # ``Scheme.packed_layout`` -> bits per code and the packer of the kernel layout (qat.pack.kernel_layout).
 PACKED_LAYOUTS = {"ternary_2bit": (TERNARY_BITS, pack_ternary_2bit), "binary_1bit": (BINARY_BITS, pack_binary_1bit)}

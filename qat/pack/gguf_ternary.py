@@ -46,7 +46,8 @@ def pack_tq(codes: torch.Tensor, scale_per_block: torch.Tensor, qtype: GGMLQuant
     return quants.quantize(values.reshape(codes.shape).numpy(), qtype)
 
 
-def unpack_tq(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_tq(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`pack_tq`: (codes int8 (out, in), d float32 (out, in / 256))."""
     rows, cols = shape
     block_bytes = quants.GGML_QUANT_SIZES[qtype][1]

@@ -16,8 +16,7 @@ import torch
 from qat.errors import RecipeError, TeacherError
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.teachers.load import TeacherConfig, check_same_tokenizer, load_teacher, teacher_fingerprint
-from qat.teachers.logit_cache import (LogitCacheKey, TeacherLogitCache, open_logit_cache, tokenizer_sha256,
-                                      tokens_sha256)
+from qat.teachers.logit_cache import LogitCacheKey, TeacherLogitCache, open_logit_cache, tokenizer_sha256, tokens_sha256
 from qat.train.distillation import AutoregressiveDistillationLoss
 from qat.train.module import QATLanguageModel
 from qat.train.schedule import OptimConfig
@@ -81,7 +80,8 @@ class DistillationLanguageModel(QATLanguageModel):
         if stage != "fit" or self.teacher_cfg is None:
             return
         if self.tokenizer_dir is None:
-            raise RecipeError("distillation needs the student's tokenizer (model.tokenizer_dir, linked by `qat distill`)")
+            raise RecipeError("distillation needs the student's tokenizer (model.tokenizer_dir, linked by "
+                              "`qat distill`)")
         if self.distill_cfg.mode == "online":
             teacher = load_teacher(self.teacher_cfg)
             check_same_tokenizer(self.tokenizer_dir, teacher.tokenizer_dir, teacher.name,

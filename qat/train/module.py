@@ -57,8 +57,9 @@ class QATLanguageModel(L.LightningModule):
                 arch.vocab_size = len(tok)
             token_ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                          "pad_token_id": tok.pad_token_id}
-            self.tokenizer_files = {p.name: p.read_text() for p in Path(tokenizer_dir).iterdir()
-                                    if p.is_file() and p.suffix in (".json", ".txt", ".model") and not p.name.startswith(".")}
+            self.tokenizer_files = {
+                p.name: p.read_text() for p in Path(tokenizer_dir).iterdir()
+                if p.is_file() and p.suffix in (".json", ".txt", ".model") and not p.name.startswith(".")}
         # Plain dicts in the checkpoint, so it loads with torch.load(weights_only=True).
         self.save_hyperparameters({"arch": asdict(arch), "quant": asdict(quant) if quant else None,
                                    "optim": asdict(optim), "token_ids": token_ids,

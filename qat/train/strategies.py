@@ -124,7 +124,8 @@ def _check_cpu_deepspeed_config(config: dict) -> None:
     # DeepSpeed's own Adam on CPU JIT-compiles a C++ op for ~2 minutes on first use (environment.md §5);
     # the recipe's torch optimizer (or torch_adam) does the same work without a compile.
     optimizer = config.get("optimizer") or {}
-    if str(optimizer.get("type", "")).lower() in ("adam", "adamw") and not optimizer.get("params", {}).get("torch_adam"):
+    torch_adam = optimizer.get("params", {}).get("torch_adam")
+    if str(optimizer.get("type", "")).lower() in ("adam", "adamw") and not torch_adam:
         raise RecipeError("strategy.config: a DeepSpeed Adam/AdamW optimizer on CPU compiles a C++ op on first use "
                           "(~2 min); add \"torch_adam\": true to optimizer.params or drop the optimizer block so "
                           "the recipe's optimizer is used")
@@ -259,7 +260,8 @@ def _device_rank_from_local_rank() -> Iterator[None]:
     def initialize_with_device_rank(*args: Any, **kwargs: Any):
         ds_args = kwargs.get("args")
         if isinstance(ds_args, argparse.Namespace) and getattr(ds_args, "device_rank", 0) is None:
-            kwargs["args"] = argparse.Namespace(**{**vars(ds_args), "device_rank": int(os.environ.get("LOCAL_RANK", 0))})
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            kwargs["args"] = argparse.Namespace(**{**vars(ds_args), "device_rank": local_rank})
         return initialize(*args, **kwargs)
 
     deepspeed.initialize = initialize_with_device_rank

@@ -123,7 +123,7 @@ def test_a_rejected_recipe_is_one_line_and_creates_nothing(tmp_path: Path, overr
     result = _fit(override, f"--trainer.default_root_dir={run_dir}")
     assert result.returncode == 2
     assert message in result.stderr
-    error_lines = [l for l in result.stderr.splitlines() if l.startswith("qat fit: error:")]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("qat fit: error:")]
     assert len(error_lines) == 1 and "Traceback" not in result.stderr
     assert not run_dir.exists()  # no run folder, no W&B run, no stored run id
 
@@ -134,7 +134,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path: Pa
                   "--model.optim.stage2_lr=1e30", "--trainer.gradient_clip_val=null", "--trainer.limit_val_batches=0",
                   f"--trainer.default_root_dir={run_dir}")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
-    error = next(l for l in result.stderr.splitlines() if l.startswith("qat fit: error:"))
+    error = next(line for line in result.stderr.splitlines() if line.startswith("qat fit: error:"))
     assert "at global step" in error and "Lower model.optim.lr" in error
     checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     assert checkpoints, "the finite checkpoint before the divergence is gone"

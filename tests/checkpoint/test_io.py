@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from qat.checkpoint.integrity import state_dict_sha256
-from qat.checkpoint.io import (STATE_SHA256_KEY, AtomicCheckpointIO, load_checkpoint_file,
-                               remove_stale_temp_files)
+from qat.checkpoint.io import STATE_SHA256_KEY, AtomicCheckpointIO, load_checkpoint_file, remove_stale_temp_files
 from qat.errors import CheckpointError
 from qat.paths import atomic_write_bytes
 

@@ -36,8 +36,8 @@ def test_cache_teacher_distill_export_through_the_cli(tmp_path, capsys):
     assert "no teacher-logit cache" in err and "data (token blocks)" in err
 
     assert main(["export", str(ckpt), "--out_dir", str(tmp_path / "binary"), "--format", "binary"]) == 0
-    from qat.export.binary import load_binary_export
     from qat.checkpoint.trained import load_trained_model
+    from qat.export.binary import load_binary_export
 
     reloaded, trained = load_binary_export(tmp_path / "binary"), load_trained_model(str(ckpt))
     ids = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))

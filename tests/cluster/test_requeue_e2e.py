@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from qat.checkpoint.deepspeed import load_training_checkpoint
 from qat.cluster.slurm import cancel, job_state
 from qat.cluster.submit import SlurmJob, submit_to_slurm
-from qat.checkpoint.deepspeed import load_training_checkpoint
 from qat.pack.hf_bitnet import unpack_ternary_hf
 from qat.quant import absmean_ternary
 

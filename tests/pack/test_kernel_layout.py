@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from qat.pack.hf_bitnet import pack_ternary_hf
-from qat.pack.kernel_layout import (BINARY_TILE_ROWS, pack_binary_1bit, pack_ternary_2bit, padded_in_features,
-                                    ternary_2bit_from_hf, unpack_binary_1bit, unpack_ternary_2bit)
+from qat.pack.kernel_layout import (
+    BINARY_TILE_ROWS,
+    pack_binary_1bit,
+    pack_ternary_2bit,
+    padded_in_features,
+    ternary_2bit_from_hf,
+    unpack_binary_1bit,
+    unpack_ternary_2bit,
+)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 255), (5, 256), (8, 1000), (4, 4096)])

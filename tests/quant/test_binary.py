@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from qat.quant.binary import (binary_sign, fbi_binary_weight, fbi_init_scales, onebit_init_scales, onebit_weight,
-                              sign_ste)
+from qat.quant.binary import (
+    binary_sign,
+    fbi_binary_weight,
+    fbi_init_scales,
+    onebit_init_scales,
+    onebit_weight,
+    sign_ste,
+)
 
 
 def test_binary_sign_is_plus_minus_one_with_zero_mapped_to_plus():

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from qat.checkpoint.io import load_checkpoint_file
 from qat.checkpoint.trained import load_trained_model
 from qat.export.hf_bitnet import linear_bits_per_weight
-from qat.checkpoint.io import load_checkpoint_file
 from qat.train.wandb_logger import offline_run_files, read_wandb_history
 from tests.conftest import TINY_FIT_ARGS, run_qat
 
@@ -83,7 +83,8 @@ def test_resume_auto_continues_from_the_last_checkpoint(tiny_ternary_run: Path, 
     shutil.copytree(tiny_ternary_run, run_dir)
     run_id = (run_dir / "wandb_run_id").read_text()
     args = [a for a in TINY_FIT_ARGS if not a.startswith("--trainer.max_steps")]
-    result = run_qat("fit", *args, "--trainer.max_steps=34", f"--trainer.default_root_dir={run_dir}", "--resume", "auto")
+    result = run_qat("fit", *args, "--trainer.max_steps=34", f"--trainer.default_root_dir={run_dir}",
+                     "--resume", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout
     assert load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 34

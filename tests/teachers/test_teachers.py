@@ -94,7 +94,8 @@ def test_top_k_cache_reproduces_the_online_loss(smollm2_teacher, smollm2_blocks,
         teacher = smollm2_teacher.model(input_ids=ids).logits.float()
     loss_fn = AutoregressiveDistillationLoss(temperature=1.0, gt_weight=0.2)
     torch.manual_seed(0)
-    for student, check in ((0.02 * torch.randn_like(teacher), "untrained"), (teacher + torch.randn_like(teacher), "near")):
+    students = ((0.02 * torch.randn_like(teacher), "untrained"), (teacher + torch.randn_like(teacher), "near"))
+    for student, check in students:
         cached_topk = cache.lookup(rows)
         online_topk = teacher.topk(k, dim=-1)
         s1, s2, s3 = (student.clone().requires_grad_(True) for _ in range(3))

@@ -1,8 +1,10 @@
 """Trains a tiny BitLinear regressor with each strategy named on the command line, in this process group, and
-writes rank 0's per-step global loss curves (and the engine and optimizer classes that ran) to a JSON file. Launched by tests/train/test_strategies.py with
-``torch.distributed.run`` (1 or 2 ranks); the global batch is the same whatever the number of ranks.
+writes rank 0's per-step global loss curves (and the engine and optimizer classes that ran) to a JSON file.
+Launched by tests/train/test_strategies.py with ``torch.distributed.run`` (1 or 2 ranks); the global batch is the
+same whatever the number of ranks.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 distributed_loss_curve.py OUT.json ddp deepspeed_stage_3
+    python -m torch.distributed.run --standalone --nproc_per_node=2 distributed_loss_curve.py OUT.json \
+        ddp deepspeed_stage_3
 """
 
 import json

@@ -46,7 +46,7 @@ def test_a_pickle_in_an_optimizer_shard_is_refused_not_run(zero2_run: Path, tmp_
     result = _resume(run_dir, 3)
     assert not marker.exists(), "a pickled payload in the checkpoint folder was executed"
     assert result.returncode == 2, result.stderr[-3000:]
-    error = next(l for l in result.stderr.splitlines() if l.startswith("qat fit: error:"))
+    error = next(line for line in result.stderr.splitlines() if line.startswith("qat fit: error:"))
     assert "last.ckpt" in error and "refused, nothing was run" in error and "--resume <path>" in error
 
 

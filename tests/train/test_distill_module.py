@@ -2,7 +2,6 @@
 
 import lightning as L
 import pytest
-import torch
 
 from qat.data.datamodule import TextDataModule
 from qat.errors import TeacherError

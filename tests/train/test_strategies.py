@@ -9,8 +9,13 @@ import pytest
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from qat.errors import RecipeError
-from qat.train.strategies import (CPUDeepSpeedStrategy, StrategyConfig, WeightsOnlyDeepSpeedStrategy, build_strategy,
-                                  parse_strategy)
+from qat.train.strategies import (
+    CPUDeepSpeedStrategy,
+    StrategyConfig,
+    WeightsOnlyDeepSpeedStrategy,
+    build_strategy,
+    parse_strategy,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 LOSS_CURVE_SCRIPT = Path(__file__).with_name("distributed_loss_curve.py")
