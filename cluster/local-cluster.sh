@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real single-host SLURM cluster for tests and demos: munged + slurmctld + N slurmd ("emulated nodes"
 # node1..nodeN, all on 127.0.0.1), Debian 12 packages, no systemd, run as root.
-# Verified recipe and pitfalls: ../shared/notes/slurm-local.md.
+# Every client needs SLURM_CONF (written to $SLURM_LOCAL_DIR/env.sh by `start`); nothing is written under /etc
+# except one marked /etc/hosts line that makes the node names resolve.
 #
 #   cluster/local-cluster.sh install   # apt packages (idempotent)
 #   cluster/local-cluster.sh start     # wipes $SLURM_LOCAL_DIR, starts daemons, waits until the nodes are idle

@@ -1,7 +1,7 @@
 """The SLURM command-line tools (sbatch, sinfo, squeue, scontrol, scancel), called as subprocesses.
 
-The CLI is the stable interface across SLURM versions (pyslurm has no release for Debian's 22.05; see
-../shared/notes/slurm-local.md §6). Every call fails with a ``ClusterError`` that says what to do.
+The CLI is the stable interface across SLURM versions (pyslurm has no release that builds against Debian 12's
+SLURM 22.05). Every call fails with a ``ClusterError`` that says what to do.
 """
 
 import shutil

@@ -1,7 +1,8 @@
 """Distributed strategies: the recipe's ``strategy`` choice turned into a Lightning strategy, on GPU or CPU.
 
 On GPU, DeepSpeed is Lightning's ``DeepSpeedStrategy`` as is. On CPU Lightning refuses it; ``CPUDeepSpeedStrategy``
-is the thin adaptation that runs the same recipe with DeepSpeed on gloo (../shared/notes/environment.md §5).
+is the thin adaptation that runs the same recipe with DeepSpeed on gloo: DDP's environment set-up instead of the
+CUDA check, ranks without CUDA device indices, and ``device_rank`` from ``LOCAL_RANK`` for ``deepspeed.initialize``.
 
 Example usage::
 
