@@ -39,6 +39,7 @@ from qat.nn.quantized import quantized_layers
 QK4_0 = 32                      # weights per Q4_0 block
 Q4_0_BLOCK_BYTES = 2 + QK4_0 // 2
 CODE_MIN, CODE_MAX = -8, 7      # q - 8 for q in [0, 15]
+FORMAT_NAME = "gguf-q4_0"
 GGUF_FILE = "model-q4_0.gguf"
 GGUF_META = "gguf_model.json"
 # llama.cpp's llama loader takes these per-block tensors (weight, and optionally bias for the linear ones).
@@ -181,6 +182,12 @@ def check(model: nn.Module) -> None:
     if min(scheme.levels) < CODE_MIN or max(scheme.levels) > CODE_MAX:
         raise ExportError(f"weight scheme {scheme.name!r} has codes in [{min(scheme.levels)}, {max(scheme.levels)}], "
                           f"outside Q4_0's [{CODE_MIN}, {CODE_MAX}]; use --format {scheme.default_export}")
+    if scheme.weight_fn is None and FORMAT_NAME not in scheme.export_formats:
+        # A layer with learnable parameters may compute something other than codes * scale (FBI-LLM's
+        # alpha * sign + beta); such a scheme says that Q4_0 holds it by listing the format.
+        raise ExportError(f"weight scheme {scheme.name!r} ({scheme.description or scheme.layer_class.__name__}) does "
+                          f"not list {FORMAT_NAME} among the formats that hold it exactly (its effective weight need "
+                          f"not be codes * scale); use --format {scheme.default_export}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type != "llama":
@@ -521,7 +528,7 @@ def file_bits_per_weight(folder: Path) -> float:
 
 
 FORMAT = ExportFormat(
-    name="gguf-q4_0",
+    name=FORMAT_NAME,
     description="llama.cpp GGUF, llama graph, Q4_0 blocks holding the trained codes in [-8, 7] (32 weights, one "
                 "fp16 scale: 4.5 bits/weight)",
     runtime=f"llama.cpp (`llama-cli -m {GGUF_FILE}`, llama architecture; its Q4_0 matmuls quantize activations to "

@@ -181,6 +181,7 @@ def test_a_model_fine_tuned_from_smollm2_gets_its_gguf_metadata(tmp_path, smollm
     ("in48", "in_features=48 is not a multiple of 32"),
     ("lm_head_bias", "lm_head.bias is a bias that llama.cpp's llama graph has no slot for"),
     ("inlayer", "norm_placement: inlayer"),
+    ("fbi", "'fbi_binary'.*does not list gguf-q4_0.*--format binary"),
 ])
 def test_export_refuses_what_llama_cpp_q4_0_cannot_hold_before_writing(tmp_path, case, match, int5_scheme):
     row = QuantConfig(granularity="row", activation="none")
@@ -191,7 +192,8 @@ def test_export_refuses_what_llama_cpp_q4_0_cannot_hold_before_writing(tmp_path,
              "group48": lambda: tiny_model(QuantConfig(granularity="group", group_size=48), hidden=96, family="llama"),
              "in48": lambda: tiny_model(row, hidden=48, family="llama"),
              "lm_head_bias": lambda: tiny_model(row, family="llama"),
-             "inlayer": lambda: tiny_model(QuantConfig(norm_placement="inlayer"), family="llama")}[case]()
+             "inlayer": lambda: tiny_model(QuantConfig(norm_placement="inlayer"), family="llama"),
+             "fbi": lambda: tiny_model(QuantConfig(weight="fbi_binary", activation="none"), family="llama")}[case]()
     if case == "lm_head_bias":
         model.lm_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
     with pytest.raises(ExportError, match=match):
@@ -226,6 +228,7 @@ def llama_cpp_perplexity(gguf_file, blocks: list[torch.Tensor]) -> float:
     """Perplexity llama.cpp computes on these token ids (every position's logits; no BOS added)."""
     from llama_cpp import Llama
 
+    # llama.cpp's Q4_0 dot products quantize activations to Q8_0 (one scale per 32 values); qat keeps them fp32.
     llm = Llama(model_path=str(gguf_file), logits_all=True, n_ctx=len(blocks[0]), n_threads=2, n_batch=len(blocks[0]),
                 verbose=False)
     total = count = 0
@@ -247,6 +250,12 @@ def qat_perplexity(model, blocks: list[torch.Tensor]) -> float:
 
 
 @pytest.fixture(scope="module")
+def llama_cpp_module():
+    """llama-cpp-python (a test extra: pip install llama-cpp-python==0.3.36, builds llama.cpp from the sdist)."""
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test extra (pip install llama-cpp-python)")
+
+
+@pytest.fixture(scope="module")
 def trained_llama(tmp_path_factory):
     """A tiny llama (ternary, row scales, 16-bit activations) trained 60 steps by `qat fit`, and held-out blocks."""
     from qat.checkpoint.trained import load_trained_model
@@ -264,8 +273,7 @@ def trained_llama(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_llama_cpp_perplexity_matches_qat_for_a_ternary_model(trained_llama, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test extra (pip install llama-cpp-python)")
+def test_llama_cpp_perplexity_matches_qat_for_a_ternary_model(llama_cpp_module, trained_llama, tmp_path):
     checkpoint, trained, blocks = trained_llama
     result = run_qat("export", str(checkpoint), "--out_dir", str(tmp_path / "q4"), "--format", "gguf-q4_0")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -278,9 +286,8 @@ def test_llama_cpp_perplexity_matches_qat_for_a_ternary_model(trained_llama, tmp
 
 
 @pytest.mark.slow
-def test_llama_cpp_perplexity_matches_qat_for_a_4bit_model(trained_llama, tmp_path, int4_scheme):
+def test_llama_cpp_perplexity_matches_qat_for_a_4bit_model(llama_cpp_module, trained_llama, tmp_path, int4_scheme):
     """The trained latent weights quantized to a 4-bit grid (codes in [-8, 7], per-row scales) without training."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test extra (pip install llama-cpp-python)")
     from qat.nn.convert import build_model, convert_to_qat
 
     _, trained, blocks = trained_llama
