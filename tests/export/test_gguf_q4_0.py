@@ -216,7 +216,7 @@ LLAMA_FIT_ARGS = ["--config", str(REPO / "recipes" / "bitnet-b158-tiny.yaml"), "
                   "--trainer.val_check_interval=60", "--trainer.limit_val_batches=1",
                   "--run.checkpoint_every_n_steps=60",
                   "--trainer.enable_progress_bar=false", "--model.arch.family=llama", "--model.quant.granularity=row",
-                  "--model.quant.activation=none", "--model.optim.warmup_steps=5", "--model.health_every_n_steps=0"]
+                  "--model.quant.activation=none", "--model.optim.warmup_steps=5", "--model.health_every_n_steps=30"]
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
