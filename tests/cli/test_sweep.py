@@ -19,6 +19,7 @@ from qat.cluster.sweep import render_array_script
 from qat.errors import RecipeError
 from qat.eval import sweep as sweep_eval
 from qat.eval.sweep import bit_schemes, markdown_table, model_size_bits, pareto_front, parse_bits, plan_points
+from tests.cluster.conftest import slurm_cluster  # noqa: F401 -- the local SLURM cluster fixture
 from tests.conftest import REPO, run_qat
 
 RECIPE = REPO / "recipes" / "bitnet-b158-tiny.yaml"
@@ -202,3 +203,28 @@ def test_a_real_small_sweep_writes_the_csv_table_and_plot(tmp_path):
     again = run_qat("sweep", "--config", str(RECIPE), "--bits", "1,1.58", "--schemes",
                     "absmean_binary,absmean_ternary", cwd=tmp_path, timeout=600)
     assert again.returncode == 0 and again.stdout.count("is finished") == 5, again.stderr[-2000:]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_sweep_runs_as_a_job_array_on_the_local_cluster(tmp_path, monkeypatch, capsys):
+    """Submit: one array task per trained point; then the same command without --submit adds the PTQ points."""
+    import time
+
+    monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
+    args = dict(bits="1.58", schemes="absmean_ternary", eval_max_blocks=1,
+                overrides=["--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1",
+                           "--trainer.enable_progress_bar=false"])
+    sweep_cli.sweep(str(RECIPE), submit=True, time="00:20:00", **args)
+    assert "submitted job array" in capsys.readouterr().out
+    trained = [p for p in plan_points("bitnet-b158-tiny", {"1.58": "absmean_ternary"}) if p.kind != "ptq"]
+    deadline = time.monotonic() + 1200
+    while not all(p.finished for p in trained) and time.monotonic() < deadline:
+        time.sleep(5)
+    outputs = sorted((tmp_path / "runs" / "bitnet-b158-tiny-sweep").glob("slurm-*_*.out"))
+    assert all(p.finished for p in trained), [o.read_text()[-2000:] for o in outputs]
+    assert len(outputs) == 2                                   # one output file per array task
+    sweep_cli.sweep(str(RECIPE), **args)
+    rows = list(csv.DictReader((tmp_path / "runs" / "bitnet-b158-tiny-sweep" / "sweep.csv").open()))
+    assert [r["kind"] for r in rows] == ["fp", "qat", "ptq"]
