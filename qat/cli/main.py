@@ -26,6 +26,8 @@ COMMANDS = {
     "status": "qat.cli.submit:status",
     "cancel": "qat.cli.submit:cancel",
 }
+# Verbs that parse their own argument list (`qat sweep --config R.yaml`: jsonargparse reserves --config).
+ARGV_VERBS = {"sweep": "qat.cli.sweep:sweep_main"}
 
 
 # Verbs that talk to the Hugging Face Hub (uploads only; they download nothing).
@@ -83,7 +85,7 @@ def _bool_flags_without_value(args: list[str], function) -> list[str]:
 
 
 def usage() -> str:
-    verbs = ", ".join((*LIGHTNING_VERBS, PIPELINE_VERB, *DISTILL_VERBS, *COMMANDS))
+    verbs = ", ".join((*LIGHTNING_VERBS, PIPELINE_VERB, *DISTILL_VERBS, *COMMANDS, *ARGV_VERBS))
     return (f"usage: qat [--debug] <verb> [--help] ...\nverbs: {verbs}\n"
             f"  {DEBUG_FLAG}  show the Python traceback of an error (also accepted after the verb)")
 
@@ -161,8 +163,8 @@ def _run_verb(verb: str, rest: list[str]) -> int:
 
         fit_cli([verb, *rest])
         return 0
-    if verb in DISTILL_VERBS:
-        module, function = DISTILL_VERBS[verb].split(":")
+    if verb in DISTILL_VERBS or verb in ARGV_VERBS:
+        module, function = {**DISTILL_VERBS, **ARGV_VERBS}[verb].split(":")
         getattr(importlib.import_module(module), function)(rest)
         return 0
     if verb == PIPELINE_VERB:

@@ -9,6 +9,9 @@ from typing import Literal, Optional
 from lightning.pytorch.loggers import WandbLogger
 
 RUN_ID_FILE = "wandb_run_id"
+# The W&B group of a run when the logger is not given one: `qat sweep` sets it so every point of a sweep (local
+# subprocess or SLURM array task) lands in one group.
+GROUP_ENV = "QAT_WANDB_GROUP"
 
 
 def wandb_mode(mode: str) -> str:
@@ -39,11 +42,13 @@ class QATWandbLogger(WandbLogger):
 
     Nothing is written (run folder, W&B run, stored id) until the first use of ``experiment``, i.e. once training
     starts: a recipe rejected while the trainer is built leaves no trace. The key is read by wandb from the
-    environment only; qat never writes it anywhere.
+    environment only; qat never writes it anywhere. ``group`` (default: ``$QAT_WANDB_GROUP``) puts the run in a
+    W&B group, e.g. the points of one ``qat sweep``.
     """
 
     def __init__(self, project: str = "qat", name: Optional[str] = None, save_dir: str = "runs",
-                 mode: Literal["auto", "offline", "online"] = "auto", resume_run: bool = False, **kwargs):
+                 mode: Literal["auto", "offline", "online"] = "auto", resume_run: bool = False,
+                 group: Optional[str] = None, **kwargs):
         save = Path(save_dir)
         resuming = resume_run or bool(os.environ.get("SLURM_RESTART_COUNT"))
         run_id = kwargs.pop("id", None) or persistent_run_id(save, resuming)
@@ -53,6 +58,9 @@ class QATWandbLogger(WandbLogger):
             # it as "in use": a resumed run gets a service of its own.
             os.environ.pop("WANDB_SERVICE", None)
         os.environ.setdefault("WANDB_DIR", str(save))
+        group = group or os.environ.get(GROUP_ENV) or None
+        if group:
+            kwargs["group"] = group
         self._qat_run_dir, self._qat_run_id, self._qat_run_id_stored = save, run_id, False
         super().__init__(project=project, name=name, save_dir=str(save), offline=wandb_mode(mode) == "offline",
                          id=run_id, resume="allow", log_model=False, **kwargs)

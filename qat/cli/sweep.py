@@ -1,0 +1,171 @@
+"""``qat sweep --config R.yaml --bits 1,1.58,2,3,4``: one run per bit width (plus an FP and PTQ points), locally in
+sequence or as a SLURM job array, then ``sweep.csv``, ``sweep.md`` and ``pareto.png`` (qat/eval/sweep.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from qat.checkpoint.layout import RunLayout
+from qat.cluster.submit import SlurmJob, check_recipe_script_texts, load_recipe
+from qat.errors import QATError, RecipeError
+from qat.eval.sweep import SweepPoint, bit_schemes, parse_bits, plan_points, write_ptq_checkpoint, write_sweep_outputs
+from qat.train.wandb_logger import GROUP_ENV
+
+
+def point_args(point: SweepPoint) -> list[str]:
+    """The ``qat run`` arguments that make the recipe this point (besides its run folder)."""
+    args = [f"--run.name={point.name}"]
+    if point.kind == "fp":
+        return args + ["--model.quant=null"]
+    return args + [f"--model.quant.weight={point.scheme}"]
+
+
+def _recipe_quant(recipe: dict, config: str) -> dict:
+    model = recipe.get("model") or {}
+    quant = model.get("quant") if isinstance(model, dict) else None
+    if not isinstance(quant, dict):
+        raise RecipeError(f"recipe {config} has no model.quant section; a sweep quantizes the recipe's model (its "
+                          "FP point is the same recipe with model.quant: null). Add model.quant (see "
+                          "recipes/bitnet-b158-tiny.yaml)")
+    return quant
+
+
+def _run_point(point: SweepPoint, config: str, overrides: list[str], eval_max_blocks: int, group: str) -> None:
+    command = [sys.executable, "-m", "qat.cli.main", "run", "--config", config,
+               f"--trainer.default_root_dir={point.run_dir}", *point_args(point), "--resume", "auto", *overrides]
+    if eval_max_blocks:
+        command.append(f"--eval_max_blocks={eval_max_blocks}")
+    env = {**os.environ, GROUP_ENV: group}
+    env.pop("WANDB_SERVICE", None)                       # each point is a W&B process of its own
+    print(f"qat sweep: running {point.name} ({point.kind}, {point.scheme or 'full precision'})", flush=True)
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise QATError(f"sweep point {point.name} failed (exit {result.returncode}, output above); fix it and rerun "
+                       "the same `qat sweep` command: finished points are kept")
+
+
+def _run_ptq_point(point: SweepPoint, fp_point: SweepPoint, quant: dict, eval_max_blocks: int) -> None:
+    from qat.cli.evaluate import evaluate
+    from qat.cli.export import export
+    from qat.nn.config import QuantConfig
+
+    print(f"qat sweep: quantizing {fp_point.name} as {point.name} ({point.scheme}, no training)", flush=True)
+    layout = RunLayout(point.run_dir)
+    checkpoint = write_ptq_checkpoint(RunLayout(fp_point.run_dir).last_checkpoint,
+                                      QuantConfig(**{**quant, "weight": point.scheme}), layout.last_checkpoint)
+    out = export(str(checkpoint), str(point.export_dir), format=point.export_format, dtype="float32", force=True)
+    evaluate(out, max_blocks=eval_max_blocks)
+
+
+def sweep(recipe: str, bits: str = "1,1.58,2,3,4", schemes: Optional[str] = None, fp: bool = True,
+          ptq: bool = True, eval_max_blocks: int = 0, out_dir: Optional[str] = None,
+          overrides: Optional[list[str]] = None, submit: bool = False, nodes: int = 1, gpus_per_node: int = 0,
+          ranks_per_node: int = 1, cpus_per_task: int = 1, partition: Optional[str] = None, time: str = "01:00:00",
+          dry_run: bool = False) -> None:
+    """Train and evaluate a recipe at several bit widths and draw the size-quality front.
+
+    Every point is a normal ``qat run`` (fit, export, eval) in its own run folder ``<run.name>-w<bits>`` and W&B
+    run, all in the W&B group ``<run.name>-sweep``; the FP point (``-fp``) trains the recipe without quantization
+    and each PTQ point (``-w<bits>-ptq``) quantizes the FP weights without training. Finished points (their export
+    holds eval.json) are skipped, so an interrupted sweep resumes where it stopped.
+
+    Args:
+        recipe: the recipe (LightningCLI YAML with a model.quant section), also accepted as ``--config R.yaml``.
+        bits: bit widths, comma-separated, e.g. 1,1.58,2,3,4.
+        schemes: quantization schemes in the order of --bits (default: paretoq_1bit, paretoq_ternary,
+            paretoq_2bit, paretoq_3bit, paretoq_4bit for 1, 1.58, 2, 3, 4), e.g. absmean_binary,absmean_ternary.
+        fp: also run the full-precision point.
+        ptq: also run the PTQ points (needs fp).
+        eval_max_blocks: evaluate only the first N held-out blocks (0 = all).
+        out_dir: where sweep.csv, sweep.md and pareto.png go (default: runs/<run.name>-sweep).
+        overrides: extra `qat run` arguments for every point, e.g. ``--overrides+=--trainer.max_steps=50``.
+        submit: run the FP and QAT points as one SLURM job array (one task per point); rerun without --submit
+            once it finished to add the PTQ points and write the outputs.
+        nodes: nodes per array task (with --submit).
+        gpus_per_node: GPUs per node (with --submit); 0 trains on CPU.
+        ranks_per_node: CPU training processes per node (with --submit).
+        cpus_per_task: CPU cores per rank (with --submit).
+        partition: SLURM partition (default: the cluster's default).
+        time: time limit per array task, HH:MM:SS.
+        dry_run: with --submit, print the sbatch script instead of submitting it.
+    """
+    config = recipe
+    loaded = load_recipe(Path(config))
+    check_recipe_script_texts(loaded)
+    run_name = str((loaded.get("run") or {}).get("name") or "qat-run")
+    quant = _recipe_quant(loaded, config)
+    chosen = bit_schemes(parse_bits(bits), schemes)
+    if ptq and not fp:
+        raise RecipeError("--ptq needs the FP point (PTQ quantizes its weights); pass --fp true or --ptq false")
+    from qat.nn.config import QuantConfig
+
+    for scheme in chosen.values():                        # every point's settings checked before anything runs
+        QuantConfig(**{**quant, "weight": scheme})
+    overrides = list(overrides or [])
+    group = f"{run_name}-sweep"
+    sweep_dir = Path(out_dir) if out_dir else RunLayout.for_run(group).run_dir
+    points = plan_points(run_name, chosen, fp=fp, ptq=ptq)
+    if submit:
+        _submit(points, Path(config), sweep_dir, group, eval_max_blocks, overrides, dry_run,
+                SlurmJob(recipe=Path(config), nodes=nodes, gpus_per_node=gpus_per_node, ranks_per_node=ranks_per_node,
+                         cpus_per_task=cpus_per_task, partition=partition, time=time, run_dir=sweep_dir,
+                         overrides=overrides))
+        return
+    fp_point = next((p for p in points if p.kind == "fp"), None)
+    for point in points:
+        if point.finished:
+            print(f"qat sweep: {point.name} is finished ({point.eval_file}); kept", flush=True)
+        elif point.kind == "ptq":
+            _run_ptq_point(point, fp_point, quant, eval_max_blocks)
+        else:
+            _run_point(point, config, overrides, eval_max_blocks, group)
+    outputs = write_sweep_outputs(points, sweep_dir, title=f"{run_name}: size vs quality")
+    print(outputs["table"].read_text())
+    for kind, path in outputs.items():
+        print(f"{kind}: {path}")
+
+
+def sweep_main(argv: list[str]) -> None:
+    """``qat sweep`` arguments -> :func:`sweep`. ``--config R.yaml`` names the recipe, as for ``qat run`` (jsonargparse
+    reserves ``--config`` for files of its own arguments, so it is turned into the positional recipe here)."""
+    from jsonargparse import auto_cli
+
+    from qat.cli.main import _bool_flags_without_value, _option_name_with_underscores
+
+    args, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            args.insert(0, argv[i + 1])
+            i += 2
+            continue
+        if argv[i].startswith("--config="):
+            args.insert(0, argv[i].split("=", 1)[1])
+        else:
+            args.append(argv[i])
+        i += 1
+    args = _bool_flags_without_value([_option_name_with_underscores(a) for a in args], sweep)
+    auto_cli(sweep, args=args, as_positional=True)
+
+
+def _submit(points: list[SweepPoint], recipe: Path, sweep_dir: Path, group: str, eval_max_blocks: int,
+            overrides: list[str], dry_run: bool, job: SlurmJob) -> None:
+    from qat.cluster.sweep import render_array_script
+
+    todo = [p for p in points if p.kind != "ptq" and not p.finished]
+    array = [(p.run_dir, point_args(p)) for p in todo]
+    if dry_run:
+        print(render_array_script(job, array, group, eval_max_blocks), end="")
+        return
+    from qat.cluster.slurm import partitions, submit_batch_script
+    from qat.cluster.submit import check_job
+
+    resolved = check_job(job, partitions())
+    script = render_array_script(job, array, group, eval_max_blocks, resolved.name)
+    sweep_dir.mkdir(parents=True, exist_ok=True)           # sbatch --output needs the folder to exist
+    job_id = submit_batch_script(script)
+    print(f"submitted job array {job_id} ({len(todo)} task(s): {', '.join(p.name for p in todo)}); output "
+          f"{sweep_dir}/slurm-{job_id}_<task>.out")
+    print("  when it has finished, rerun this command without --submit: it adds the PTQ points and writes "
+          "sweep.csv, sweep.md and pareto.png")
