@@ -15,6 +15,9 @@ PIPELINE_VERB = "run"  # fit + export + eval; takes the same arguments as `qat f
 # Verbs over the distillation module taking `qat fit` arguments: train with a teacher / precompute its top-k logits.
 DISTILL_VERBS = {"distill": "qat.cli.distill:distill", "cache-teacher": "qat.cli.distill:cache_teacher"}
 
+# Verbs that parse their own argument list (a list of positional paths, which auto_cli cannot take).
+ARGV_VERBS = {"compare": "qat.cli.compare:compare_cli"}
+
 CLUSTER_VERBS = ("submit", "status", "cancel")
 # verb -> "module:function"; imported lazily so `qat --help` stays fast.
 COMMANDS = {
@@ -75,7 +78,7 @@ def _bool_flags_without_value(args: list[str], function) -> list[str]:
 
 
 def usage() -> str:
-    verbs = ", ".join((*LIGHTNING_VERBS, PIPELINE_VERB, *DISTILL_VERBS, *COMMANDS))
+    verbs = ", ".join((*LIGHTNING_VERBS, PIPELINE_VERB, *DISTILL_VERBS, *COMMANDS, *ARGV_VERBS))
     return (f"usage: qat [--debug] <verb> [--help] ...\nverbs: {verbs}\n"
             f"  {DEBUG_FLAG}  show the Python traceback of an error (also accepted after the verb)")
 
@@ -153,8 +156,8 @@ def _run_verb(verb: str, rest: list[str]) -> int:
 
         fit_cli([verb, *rest])
         return 0
-    if verb in DISTILL_VERBS:
-        module, function = DISTILL_VERBS[verb].split(":")
+    if verb in DISTILL_VERBS or verb in ARGV_VERBS:
+        module, function = {**DISTILL_VERBS, **ARGV_VERBS}[verb].split(":")
         getattr(importlib.import_module(module), function)(rest)
         return 0
     if verb == PIPELINE_VERB:

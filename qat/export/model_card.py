@@ -54,5 +54,7 @@ def render_model_card(name: str, manifest: Mapping[str, Any], evaluation: Option
             a = evaluation["agreement"]
             lines += ["", f"Exported vs training model: max |Δlogit| {a['max_abs_logit_diff']:.2e}, "
                       f"top-1 agreement {a['top1_agreement']:.4f}."]
+        if evaluation.get("suite_table"):   # `qat eval --suite`: corpora, probes with chance, reference agreement
+            lines += ["", "### Evaluation suite", "", evaluation["suite_table"]]
         lines.append("")
     return "\n".join(lines)
