@@ -15,7 +15,7 @@ from qat.errors import CheckpointError, ExportError
 from qat.eval.agreement import check_agreement
 from qat.eval.loading import classify_path, load_exported_model, load_model_and_tokenizer, source_model
 from qat.eval.perplexity import heldout_metrics, logits_agreement, unigram_perplexity
-from qat.eval.suite import SuiteConfig, run_suite, suite_table_markdown
+from qat.eval.suite import SuiteConfig, check_reference_tokenizer, run_suite, suite_table_markdown
 from qat.export.folder import update_manifest_files, verify_export
 from qat.export.formats import get_format
 from qat.export.model_card import render_model_card
@@ -141,9 +141,7 @@ def _suite(model: torch.nn.Module, data, config: SuiteConfig, reference: Optiona
     reference_fn = None
     if reference is not None:
         ref_model, ref_tokenizer = load_model_and_tokenizer(reference)
-        if ref_tokenizer.get_vocab() != data.tokenizer.get_vocab():
-            raise CheckpointError(f"the reference {reference} uses another tokenizer than the evaluated model; KL and "
-                                  "top-1 agreement need the same one (e.g. the FP baseline trained on the same data)")
+        check_reference_tokenizer(data.tokenizer, ref_tokenizer, reference)
         reference_fn = lambda ids: ref_model(input_ids=ids).logits  # noqa: E731
     counts = np.bincount(np.asarray(data.datasets["train"].blocks).reshape(-1), minlength=data.vocab_size)
     suite = run_suite(lambda ids: model(input_ids=ids).logits, data.tokenizer, config, reference_fn, counts)

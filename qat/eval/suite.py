@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qat.data.corpora import CORPORA, corpus_unavailable_reason, heldout_documents, token_budget_blocks
-from qat.errors import RecipeError
+from qat.errors import CheckpointError, RecipeError
 from qat.eval.perplexity import heldout_metrics
 from qat.eval.probes import build_last_word_items, build_swap_items, last_word_probe, swap_probe
 
@@ -67,6 +67,17 @@ def reference_agreement(logits_fn: LogitsFn, reference_fn: LogitsFn, blocks: np.
         total_top1 += float((logp.argmax(-1) == logq.argmax(-1)).sum())
         n += ids.numel()
     return {"kl_nats_per_token": total_kl / n, "top1_agreement": total_top1 / n, "tokens": n}
+
+
+def check_reference_tokenizer(model_tokenizer, reference_tokenizer, reference: str) -> None:
+    """KL and top-1 agreement compare distributions over the same token ids: the tokenizers must be identical.
+
+    Raises:
+        CheckpointError: naming the reference.
+    """
+    if reference_tokenizer.get_vocab() != model_tokenizer.get_vocab():
+        raise CheckpointError(f"the reference {reference} uses another tokenizer than the evaluated model; KL and "
+                              "top-1 agreement need the same one (e.g. the FP baseline trained on the same data)")
 
 
 def run_suite(logits_fn: LogitsFn, tokenizer, config: SuiteConfig = SuiteConfig(),

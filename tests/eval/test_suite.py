@@ -15,8 +15,14 @@ from qat.data.corpora import (
     strip_gutenberg_boilerplate,
     token_budget_blocks,
 )
-from qat.errors import DataError, RecipeError
-from qat.eval.suite import SuiteConfig, reference_agreement, run_suite, suite_table_markdown
+from qat.errors import CheckpointError, DataError, RecipeError
+from qat.eval.suite import (
+    SuiteConfig,
+    check_reference_tokenizer,
+    reference_agreement,
+    run_suite,
+    suite_table_markdown,
+)
 from tests.conftest import run_qat
 
 
@@ -93,6 +99,45 @@ def test_reference_agreement_matches_a_float64_computation():
     assert same["kl_nats_per_token"] == pytest.approx(0.0, abs=1e-9) and same["top1_agreement"] == 1.0
     with pytest.raises(RecipeError, match="vocabulary"):
         reference_agreement(lambda ids: torch.zeros(*ids.shape, 5), lambda ids: torch.zeros(*ids.shape, 6), blocks)
+
+
+class VocabTokenizer:
+    def __init__(self, vocab: dict):
+        self.vocab = vocab
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+def test_a_reference_with_another_tokenizer_is_refused():
+    check_reference_tokenizer(VocabTokenizer({"a": 0, "b": 1}), VocabTokenizer({"a": 0, "b": 1}), "ref")
+    # Same size, other ids: KL over mismatched ids would be meaningless, so it is an error.
+    with pytest.raises(CheckpointError, match="the reference ref uses another tokenizer"):
+        check_reference_tokenizer(VocabTokenizer({"a": 0, "b": 1}), VocabTokenizer({"a": 1, "b": 0}), "ref")
+
+
+def test_bad_suite_options_fail_before_any_model_is_loaded(tmp_path):
+    from qat.cli.evaluate import evaluate
+
+    empty_ckpt = tmp_path / "x.ckpt"   # loading it would fail with a checkpoint error, so these fail earlier
+    empty_ckpt.write_bytes(b"")
+    with pytest.raises(RecipeError, match="budget_tokens=0"):
+        evaluate(str(empty_ckpt), suite=True, suite_tokens=0)
+    with pytest.raises(RecipeError, match="unknown corpus enwik8"):
+        evaluate(str(empty_ckpt), suite=True, suite_corpora=["enwik8"])
+    with pytest.raises(CheckpointError, match="no such path"):
+        evaluate(str(empty_ckpt), reference=str(tmp_path / "missing"))
+    with pytest.raises(RecipeError, match="no such .yaml"):
+        evaluate(str(empty_ckpt), lm_eval_tasks=[str(tmp_path / "task.yaml")])
+
+
+def test_model_card_shows_the_suite_table():
+    from qat.export.model_card import render_model_card
+
+    manifest = {"format": "hf", "model": {}, "scheme": None, "dtype": "float32"}
+    table = suite_table_markdown({"corpora": {"kjv": {"perplexity": 9.0, "bits_per_byte": 1.0, "tokens": 8}}})
+    card = render_model_card("m", manifest, {"suite_table": table})
+    assert "### Evaluation suite" in card and "| kjv | 9.00 | 1.0000 |" in card
 
 
 def test_suite_config_is_checked_at_construction():
