@@ -77,14 +77,16 @@ def test_compare_refuses_bad_paths_and_an_existing_plot(tmp_path):
         compare([str(run)], out=str(tmp_path / "y.png"))
 
 
-@pytest.mark.slow   # two CLI processes: ~20 s on 2 cores
-def test_qat_compare_cli_exit_codes(tmp_path):
+def test_qat_compare_verb_exit_codes(tmp_path, capsys):
+    from qat.cli.main import main
+
     paths = _eval_files(tmp_path)
-    result = run_qat("compare", *paths, f"--out={tmp_path / 'c.png'}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "| wikipedia bits/byte | 2.25 | 2.25 |" in result.stdout and (tmp_path / "c.png").is_file()
-    again = run_qat("compare", *paths, f"--out={tmp_path / 'c.png'}")
-    assert again.returncode == 2 and "exists; pass --force" in again.stderr
+    assert main(["compare", *paths, f"--out={tmp_path / 'c.png'}"]) == 0
+    assert "| wikipedia bits/byte | 2.25 | 2.25 |" in capsys.readouterr().out and (tmp_path / "c.png").is_file()
+    assert main(["compare", *paths, f"--out={tmp_path / 'c.png'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qat compare: error: --out") and "exists; pass --force" in err and len(err.splitlines()) == 1
+    assert main(["compare", *paths, f"--out={tmp_path / 'c.png'}", "--force"]) == 0
 
 
 @pytest.mark.slow
