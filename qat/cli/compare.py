@@ -130,7 +130,8 @@ def plot_comparison(columns: dict[str, dict[str, float]], out_png: Path) -> Path
     return out_png
 
 
-def compare(paths: list[str], out: str = "qat-compare.png", evaluate: bool = False, force: bool = False) -> dict:
+def compare(paths: list[str], out: str = "qat-compare.png", evaluate: bool = False, force: bool = False,
+            max_blocks: int = 0, suite_tokens: int = 16384, probe_items: int = 200) -> dict:
     """Print the side-by-side table of the evaluations of ``paths`` and plot it to ``out``.
 
     Args:
@@ -139,6 +140,7 @@ def compare(paths: list[str], out: str = "qat-compare.png", evaluate: bool = Fal
         evaluate: run ``qat eval --suite`` on an export (or a run's last checkpoint) that has no eval.json yet;
             without it such a path is an error.
         force: replace ``out`` if it exists.
+        max_blocks, suite_tokens, probe_items: passed to ``qat eval`` when ``evaluate`` runs it.
 
     Raises:
         CheckpointError: a path that is neither an export nor a run; one without eval.json (and no ``evaluate``).
@@ -165,7 +167,8 @@ def compare(paths: list[str], out: str = "qat-compare.png", evaluate: bool = Fal
         else:
             from qat.cli.evaluate import evaluate as run_eval
 
-            evaluation = run_eval(str(target), suite=True)
+            evaluation = run_eval(str(target), max_blocks=max_blocks, suite=True, suite_tokens=suite_tokens,
+                                  probe_items=probe_items)
         columns[label] = comparison_rows(evaluation)
     table = comparison_table(columns)
     print(table)
@@ -176,11 +179,17 @@ def compare(paths: list[str], out: str = "qat-compare.png", evaluate: bool = Fal
 
 def compare_cli(argv: list[str]) -> None:
     """``qat compare`` arguments (a list of paths, which jsonargparse's auto_cli cannot take positionally)."""
+    from qat.cli.main import _option_name_with_underscores
+
     parser = ArgumentParser(prog="qat compare", description=compare.__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="export folders, run folders or eval.json files")
-    parser.add_argument("--out", default="qat-compare.png", help="the PNG to write (default: qat-compare.png)")
+    parser.add_argument("--out", default="qat-compare.png", help="the PNG to write")
     parser.add_argument("--evaluate", action="store_true",
                         help="run `qat eval --suite` on a path that has no eval.json yet")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
-    args = parser.parse_args(argv)
-    compare(list(args.paths), out=args.out, evaluate=args.evaluate, force=args.force)
+    parser.add_argument("--max_blocks", type=int, default=0, help="with --evaluate: `qat eval --max_blocks`")
+    parser.add_argument("--suite_tokens", type=int, default=16384, help="with --evaluate: `qat eval --suite_tokens`")
+    parser.add_argument("--probe_items", type=int, default=200, help="with --evaluate: `qat eval --probe_items`")
+    args = parser.parse_args([_option_name_with_underscores(a) for a in argv])
+    compare(list(args.paths), out=args.out, evaluate=args.evaluate, force=args.force, max_blocks=args.max_blocks,
+            suite_tokens=args.suite_tokens, probe_items=args.probe_items)

@@ -98,7 +98,10 @@ def test_qat_compare_evaluates_a_real_export_when_asked(tiny_ternary_run, tmp_pa
     result = run_qat("compare", str(export), str(tiny_ternary_run / "checkpoints" / "last.ckpt"),
                      f"--out={tmp_path / 'a.png'}", "--evaluate")
     assert result.returncode == 2 and "neither a qat export" in result.stderr   # a checkpoint file is not a run
-    result = run_qat("compare", str(export), f"--out={tmp_path / 'a.png'}", "--evaluate")
+    result = run_qat("compare", str(export), f"--out={tmp_path / 'a.png'}", "--evaluate", "--max-blocks=2",
+                     "--suite_tokens=1024", "--probe_items=20")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| wikipedia perplexity |" in result.stdout and "| swap acc (chance) | 0.5 |" in result.stdout
     assert (tmp_path / "a.png").is_file()
+    evaluation = json.loads((export / "eval.json").read_text())   # written by the evaluation compare ran
+    assert evaluation["suite"]["probes"]["swap"]["items"] == 20 and evaluation["exported"]["tokens"] == 2 * 255
