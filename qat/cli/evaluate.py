@@ -10,20 +10,69 @@ from typing import Optional
 import numpy as np
 import torch
 
-from qat.checkpoint.trained import load_trained_model
-from qat.errors import CheckpointError, ExportError
+from qat.checkpoint.deepspeed import is_deepspeed_checkpoint
+from qat.checkpoint.integrity import state_dict_sha256
+from qat.checkpoint.trained import TrainedModel, load_trained_model
+from qat.errors import CheckpointError, ExportError, QATError
 from qat.eval.agreement import check_agreement
-from qat.eval.loading import classify_path, load_exported_model, load_model_and_tokenizer, source_model
 from qat.eval.perplexity import heldout_metrics, logits_agreement, unigram_perplexity
 from qat.eval.suite import SuiteConfig, check_reference_tokenizer, run_suite, suite_table_markdown
-from qat.export.folder import update_manifest_files, verify_export
+from qat.export.folder import is_export, update_manifest_files, verify_export
 from qat.export.formats import get_format
 from qat.export.model_card import render_model_card
 
-__all__ = ["evaluate", "classify_path", "load_exported_model", "EVAL_FILE", "CARD_FILE"]
-
 EVAL_FILE = "eval.json"
 CARD_FILE = "README.md"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_exported_model(export_dir: str | Path, verify: bool = True) -> torch.nn.Module:
+    """An export reloaded by its format's runtime (transformers for hf/hf-fp, qat's loaders for binary/GGUF),
+    after checking every file against the manifest's SHA-256.
+
+    Raises:
+        ExportError: not an export, a file changed since export, or a file the runtime cannot read.
+    """
+    export_dir = Path(export_dir)
+    manifest = verify_export(export_dir) if verify else json.loads((export_dir / "qat_export.json").read_text())
+    fmt = get_format(manifest["format"])
+    try:
+        return fmt.load(export_dir).eval()
+    except QATError:
+        raise
+    except Exception as e:  # safetensors/transformers/gguf errors on a damaged file
+        raise ExportError(f"cannot load {export_dir} as a {fmt.name} export: {_one_line(e)}") from None
+
+
+def classify_path(path: str) -> str:
+    """``export`` or ``checkpoint``; CheckpointError for a missing path or anything else."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"no such path: {path}; pass an export folder (`qat export`) or a training checkpoint")
+    if is_export(p):
+        return "export"
+    if p.is_file() and is_export(p.parent):
+        raise CheckpointError(f"{path} is one file of the qat export {p.parent}; pass the folder: qat eval {p.parent}")
+    if p.is_file() or is_deepspeed_checkpoint(p):
+        return "checkpoint"
+    raise CheckpointError(f"{path} is not a qat export or checkpoint (no qat_export.json, not a .ckpt file or "
+                          "DeepSpeed checkpoint folder)")
+
+
+def _source_model(manifest: dict) -> Optional[TrainedModel]:
+    """The export's source checkpoint when it is still there; ExportError when its weights changed since."""
+    checkpoint = manifest.get("source_checkpoint")
+    if not checkpoint or not Path(checkpoint).exists():
+        return None
+    trained = load_trained_model(checkpoint)
+    if manifest.get("weights_sha256") and state_dict_sha256(trained.model.state_dict()) != manifest["weights_sha256"]:
+        raise ExportError(f"the source checkpoint {checkpoint} holds other weights than when this export was written "
+                          "(training continued or it was replaced); re-export it with `qat export --force`")
+    return trained
 
 
 def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8, suite: bool = False,
@@ -76,7 +125,7 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8, suite: bool = 
         manifest = verify_export(export_dir)
         fmt = get_format(manifest["format"])
         exported = load_exported_model(export_dir, verify=False)
-        trained = source_model(manifest)
+        trained = _source_model(manifest)
         data_hparams = (manifest.get("provenance") or {}).get("data")
     else:
         trained = load_trained_model(path)
@@ -140,6 +189,8 @@ def _suite(model: torch.nn.Module, data, config: SuiteConfig, reference: Optiona
     """The suite's results and table for ``model``, tokenized with the tokenizer it was trained with."""
     reference_fn = None
     if reference is not None:
+        from qat.eval.loading import load_model_and_tokenizer
+
         ref_model, ref_tokenizer = load_model_and_tokenizer(reference)
         check_reference_tokenizer(data.tokenizer, ref_tokenizer, reference)
         reference_fn = lambda ids: ref_model(input_ids=ids).logits  # noqa: E731
