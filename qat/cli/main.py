@@ -15,8 +15,9 @@ PIPELINE_VERB = "run"  # fit + export + eval; takes the same arguments as `qat f
 # Verbs over the distillation module taking `qat fit` arguments: train with a teacher / precompute its top-k logits.
 DISTILL_VERBS = {"distill": "qat.cli.distill:distill", "cache-teacher": "qat.cli.distill:cache_teacher"}
 
-# Verbs that parse their own argument list (a list of positional paths, which auto_cli cannot take).
-ARGV_VERBS = {"compare": "qat.cli.compare:compare_cli"}
+# Verbs that parse their own argument list: `qat compare` takes a list of positional paths (auto_cli cannot);
+# `qat sweep --config R.yaml` (jsonargparse reserves --config).
+ARGV_VERBS = {"compare": "qat.cli.compare:compare_cli", "sweep": "qat.cli.sweep:sweep_main"}
 
 CLUSTER_VERBS = ("submit", "status", "cancel")
 # verb -> "module:function"; imported lazily so `qat --help` stays fast.
@@ -29,8 +30,6 @@ COMMANDS = {
     "status": "qat.cli.submit:status",
     "cancel": "qat.cli.submit:cancel",
 }
-# Verbs that parse their own argument list (`qat sweep --config R.yaml`: jsonargparse reserves --config).
-ARGV_VERBS = {"sweep": "qat.cli.sweep:sweep_main"}
 
 
 # Verbs that talk to the Hugging Face Hub (uploads only; they download nothing).
