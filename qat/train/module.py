@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from qat.data.tokenizer import load_tokenizer
 from qat.nn.config import ArchConfig, QuantConfig
-from qat.nn.convert import build_model, convert_to_qat
+from qat.nn.convert import build_model, check_pretrained_tokenizer, convert_to_qat
 from qat.train.monitor import QATHealthMonitor, TokenThroughputMonitor
+from qat.train.pretrained_baselines import PretrainedBaselines
 from qat.train.schedule import OptimConfig, ScheduledLRAndWeightDecay
 
 TOKENIZER_CHECKPOINT_KEY = "qat_tokenizer_files"
@@ -47,6 +48,8 @@ class QATLanguageModel(L.LightningModule):
         token_ids = {}
         self.tokenizer_files: dict[str, str] = {}
         if tokenizer_dir is not None:
+            if arch.pretrained:
+                check_pretrained_tokenizer(arch.pretrained, tokenizer_dir)
             tok = load_tokenizer(tokenizer_dir)
             if arch.vocab_size <= 0:
                 arch.vocab_size = len(tok)
@@ -107,6 +110,8 @@ class QATLanguageModel(L.LightningModule):
         callbacks = [TokenThroughputMonitor()]
         if self.quant is not None:
             callbacks.append(QATHealthMonitor(self.hparams.health_every_n_steps))
+            if self.arch.pretrained:
+                callbacks.append(PretrainedBaselines())
         return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
