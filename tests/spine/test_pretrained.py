@@ -124,7 +124,9 @@ def test_smollm2_4bit_recipe_runs_into_a_reloaded_packed_export(tmp_path):
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, trained.model(input_ids=ids).logits)
-    # The run started from SmolLM2's weights (not a fresh init): its embeddings are the pretrained ones.
+    # The run started from SmolLM2's weights (not a fresh init): 3 AdamW steps at lr 2e-5 move each embedding
+    # by at most ~6e-5, while the pretrained embeddings are O(0.1).
     original = build_model(ArchConfig(pretrained="smollm2"))
-    assert torch.equal(reloaded.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    drift = (reloaded.model.embed_tokens.weight - original.model.embed_tokens.weight).abs().max().item()
+    assert drift < 1e-3 < original.model.embed_tokens.weight.abs().max().item()
     assert json.loads((export / "eval.json").read_text())
