@@ -9,11 +9,12 @@ from typing import Optional
 from torch import nn
 
 from qat.errors import ExportError
-from qat.export import binary, gguf, gguf_q4_0, hf_bitnet, hf_fp
+from qat.export import binary, gguf, gguf_q4_0, hf_bitnet, hf_fp, qat_packed
 from qat.export.exporter import ExportFormat, model_scheme
 
 EXPORT_FORMATS: dict[str, ExportFormat] = {f.name: f for f in (hf_bitnet.FORMAT, hf_fp.FORMAT, gguf.TQ2_0,
-                                                                gguf.TQ1_0, gguf_q4_0.FORMAT, binary.FORMAT)}
+                                                                gguf.TQ1_0, gguf_q4_0.FORMAT, binary.FORMAT,
+                                                                qat_packed.FORMAT)}
 FULL_PRECISION_FORMAT = "hf-fp"
 
 

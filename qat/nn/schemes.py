@@ -22,6 +22,7 @@ from qat.errors import RecipeError
 from qat.nn.bitlinear import BitLinear
 from qat.nn.config import QuantConfig
 from qat.nn.fbi_linear import FBILinear, OneBitLinear
+from qat.nn.paretoq_linear import ParetoQLinear
 from qat.nn.quantized import QuantizedLinear
 from qat.quant.binary import absmean_binary
 from qat.quant.ternary import absmean_ternary, absmedian_ternary
@@ -126,3 +127,26 @@ register_scheme(Scheme(
 register_scheme(Scheme(
     "onebit", (-1, 1), OneBitLinear, None, None, ("binary",), activations=("none",), granularities=("tensor",),
     description="OneBit: g * sign(W) * h with learnable output/input vectors, SVID init (W1A16)"))
+
+# ParetoQ (arXiv 2502.02631): learnable scale alpha per row/group, effective weight codes * scale
+# (qat.quant.paretoq); weight-only by default (the first activation setting).
+PARETOQ_EXPORTS = ("qat-packed", "gguf-q4_0")
+PARETOQ_ACTIVATIONS = ("none", "int8_per_token")
+
+register_scheme(Scheme(
+    "paretoq_1bit", (-1, 1), ParetoQLinear, None, None, PARETOQ_EXPORTS, activations=PARETOQ_ACTIVATIONS,
+    description="ParetoQ 1-bit: codes sign(W), scale alpha (learnable, init mean|W|)"))
+register_scheme(Scheme(
+    "paretoq_ternary", (-1, 0, 1), ParetoQLinear, None, None, PARETOQ_EXPORTS, activations=PARETOQ_ACTIVATIONS,
+    description="ParetoQ ternary (SEQ n=1.5): levels {-2/3, 0, 2/3} * alpha = codes {-1, 0, 1} * (2 alpha / 3)"))
+register_scheme(Scheme(
+    "paretoq_2bit", (-3, -1, 1, 3), ParetoQLinear, None, None, PARETOQ_EXPORTS, activations=PARETOQ_ACTIVATIONS,
+    description="ParetoQ 2-bit (SEQ n=2, s=0.5): levels {±1/4, ±3/4} * alpha = codes {±1, ±3} * (alpha / 4)"))
+register_scheme(Scheme(
+    "paretoq_3bit", tuple(range(-4, 4)), ParetoQLinear, None, None, PARETOQ_EXPORTS,
+    activations=PARETOQ_ACTIVATIONS,
+    description="ParetoQ 3-bit (LSQ): codes clamp(round(W / alpha), -4, 3), scale alpha"))
+register_scheme(Scheme(
+    "paretoq_4bit", tuple(range(-8, 8)), ParetoQLinear, None, None, PARETOQ_EXPORTS,
+    activations=PARETOQ_ACTIVATIONS,
+    description="ParetoQ 4-bit (LSQ): codes clamp(round(W / alpha), -8, 7), scale alpha"))

@@ -21,6 +21,8 @@ from qat.train.distillation import AutoregressiveDistillationLoss
 from qat.train.module import QATLanguageModel
 from qat.train.schedule import OptimConfig
 
+SELF_TEACHER = "self"
+
 
 @dataclass
 class DistillConfig:
@@ -67,6 +69,12 @@ class DistillationLanguageModel(QATLanguageModel):
                  distill: DistillConfig = DistillConfig()):
         super().__init__(arch, quant, optim, tokenizer_dir, health_every_n_steps)
         teacher, distill = copy.deepcopy((teacher, distill))  # the defaults above are shared by every call
+        if teacher is not None and teacher.source == SELF_TEACHER:
+            # Self-distillation: the frozen full-precision original of the pretrained student.
+            if not arch.pretrained:
+                raise RecipeError("model.teacher.source: self distils from the pretrained original and needs "
+                                  "model.arch.pretrained; set it or name another teacher")
+            teacher.source = arch.pretrained
         self.hparams["teacher"] = asdict(teacher) if teacher else None
         self.hparams["distill"] = asdict(distill)
         self.teacher_cfg, self.distill_cfg = teacher, distill

@@ -15,10 +15,11 @@ from qat.checkpoint.integrity import non_finite_tensors
 from qat.data.tokenizer import load_tokenizer
 from qat.errors import CheckpointError
 from qat.nn.config import ArchConfig, QuantConfig
-from qat.nn.convert import build_model, convert_to_qat
+from qat.nn.convert import build_model, check_pretrained_tokenizer, convert_to_qat
 from qat.train.fp8 import FP8Config, fp8_autocast, prepare_fp8, swap_to_te
 from qat.train.fp8_monitor import FP8HealthMonitor
 from qat.train.monitor import QATHealthMonitor, TokenThroughputMonitor
+from qat.train.pretrained_baselines import PretrainedBaselines
 from qat.train.schedule import OptimConfig, ScheduledLRAndWeightDecay
 
 TOKENIZER_CHECKPOINT_KEY = "qat_tokenizer_files"
@@ -52,6 +53,8 @@ class QATLanguageModel(L.LightningModule):
         token_ids = {}
         self.tokenizer_files: dict[str, str] = {}
         if tokenizer_dir is not None:
+            if arch.pretrained:
+                check_pretrained_tokenizer(arch.pretrained, tokenizer_dir)
             tok = load_tokenizer(tokenizer_dir)
             if arch.vocab_size <= 0:
                 arch.vocab_size = len(tok)
@@ -122,6 +125,8 @@ class QATLanguageModel(L.LightningModule):
         callbacks = [TokenThroughputMonitor()]
         if self.quant is not None:
             callbacks.append(QATHealthMonitor(self.hparams.health_every_n_steps))
+            if self.arch.pretrained:
+                callbacks.append(PretrainedBaselines())
         if self.fp8_cfg is not None and self.fp8_cfg.backend == "emulated":
             callbacks.append(FP8HealthMonitor(self.hparams.health_every_n_steps))
         return callbacks

@@ -12,7 +12,8 @@ from tests.conftest import REPO, run_qat
 
 RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
 EXPECTED_FORMAT = {"bitnet-b158-tiny.yaml": "hf", "bitnet-b1-binary-tiny.yaml": "hf", "fp-baseline-tiny.yaml": "hf-fp",
-                   "fbi-binary-tiny-ad.yaml": "binary", "fbi-binary-tiny-ce.yaml": "binary"}
+                   "fbi-binary-tiny-ad.yaml": "binary", "fbi-binary-tiny-ce.yaml": "binary",
+                   "smollm2-135m-4bit.yaml": "qat-packed", "smollm2-135m-ternary.yaml": "qat-packed"}
 FEW_STEPS = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
              "--run.checkpoint_every_n_steps=2", "--trainer.enable_progress_bar=false", "--model.optim.warmup_steps=1",
              "--data.max_train_blocks=8", "--data.max_val_blocks=2", "--data.seq_len=64", "--data.batch_size=2",

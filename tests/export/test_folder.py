@@ -215,13 +215,15 @@ def test_qat_export_refuses_the_run_folder_and_the_working_directory(ternary_che
     assert verify_export(run / "export-hf")["provenance"]["run_name"] == "tiny"
 
 
-@pytest.mark.parametrize("name", ["hf", "hf-fp", "gguf-tq2_0", "gguf-tq1_0", "gguf-q4_0", "binary"])
+@pytest.mark.parametrize("name", ["hf", "hf-fp", "gguf-tq2_0", "gguf-tq1_0", "gguf-q4_0", "binary", "qat-packed"])
 def test_each_format_refuses_a_model_it_cannot_hold_and_names_the_format_that_can(tmp_path, tokenizer_files, name):
     from qat.export.formats import EXPORT_FORMATS
 
-    assert set(EXPORT_FORMATS) == {"hf", "hf-fp", "gguf-tq2_0", "gguf-tq1_0", "gguf-q4_0", "binary"}
+    assert set(EXPORT_FORMATS) == {"hf", "hf-fp", "gguf-tq2_0", "gguf-tq1_0", "gguf-q4_0", "binary", "qat-packed"}
     models = {"hf-fp": tiny_model(None), "binary": tiny_model(QuantConfig(weight="fbi_binary", activation="none"),
-                                                              family="llama")}
+                                                              family="llama"),
+              "qat-packed": tiny_model(QuantConfig(weight="paretoq_4bit", granularity="row", activation="none"),
+                                       family="llama")}
     for right, model in models.items():
         if right == name:
             continue

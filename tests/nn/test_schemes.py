@@ -53,6 +53,8 @@ def test_ternary_schemes_use_zero_and_weight_fn_schemes_match_their_function(nam
     scheme = get_scheme(name)
     layer = scheme.layer_class.from_linear(nn.Linear(64, 32), QuantConfig(weight=name,
                                                                           activation=scheme.activations[-1]))
+    with torch.no_grad():  # past the init range: LSQ's code -2^(b-1) lies beyond max|W| / alpha at init
+        layer.weight.mul_(1.5)
     codes, scale = layer.quantized_weight()
     # A random Gaussian weight hits every level: a scheme whose codes miss a level has wrong levels.
     assert set(codes.unique().tolist()) == set(scheme.levels)

@@ -1,0 +1,178 @@
+"""``qat-packed``: ParetoQ models (``paretoq_*`` schemes) at their true bit width — codes packed at b bits
+(1-bit: 1, ternary and 2-bit: 2, 3-bit: 3, 4-bit: 4; :mod:`qat.pack.nbit`) plus the learned scales alpha in fp32 —
+in safetensors, and the qat loader that rebuilds the model with identical logits.
+
+Folder layout:
+
+- ``model.safetensors``: ``<layer>.codes_<b>bit`` uint8 (out, ceil(in * b / 8)), ``<layer>.alpha`` fp32 (one per
+  row, per group of ``group_size`` inputs, or per tensor, row-major), every other tensor (embeddings, norms,
+  lm_head, biases) fp32 under its HF name. Weight = codes * alpha / m, m = ``code_multiplier`` in config.json
+  (1 for 1/3/4-bit, 1.5 for ternary, 4 for 2-bit);
+- ``config.json``: ``model_type`` ``qat-packed`` (so HF transformers refuses the folder instead of loading random
+  linear weights), the HF config of the base model, the quantization, the level set and bits of the codes.
+
+Alpha is stored rather than alpha / m because the loader gives the layer that exact alpha back: its forward then
+computes the same ``codes * (alpha / m)`` bit for bit.
+"""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qat.errors import ExportError
+from qat.export.exporter import ExportFormat, model_quant, model_scheme
+from qat.export.folder import WEIGHTS_FILE, check_finite
+from qat.nn.config import QuantConfig
+from qat.nn.paretoq_linear import ParetoQLinear
+from qat.nn.quantized import quantized_layers
+from qat.pack.nbit import pack_nbit, unpack_nbit
+from qat.quant.paretoq import ALPHA_EPS
+
+PACKED_MODEL_TYPE = "qat-packed"
+ALPHA_SUFFIX = ".alpha"
+
+
+def code_bits(levels: tuple[int, ...]) -> int:
+    """Bits per stored code: the smallest b with 2^b >= number of levels (ternary: 2)."""
+    return max(1, (len(levels) - 1).bit_length())
+
+
+def codes_suffix(bits: int) -> str:
+    return f".codes_{bits}bit"
+
+
+def check(model: nn.Module) -> None:
+    """Raise ExportError unless ``model`` is quantized by a ParetoQ scheme (codes + learned alpha)."""
+    scheme = model_scheme(model)
+    layers = quantized_layers(model)
+    if scheme is None or not all(isinstance(m, ParetoQLinear) for m in layers.values()):
+        what = f"quantized by {scheme.name!r}" if scheme else "full precision"
+        instead = scheme.default_export if scheme else "hf-fp"
+        raise ExportError(f"--format qat-packed holds ParetoQ models (model.quant.weight: paretoq_1bit | "
+                          f"paretoq_ternary | paretoq_2bit | paretoq_3bit | paretoq_4bit); this one is {what}. "
+                          f"Use --format {instead}")
+
+
+def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The export tensors: packed codes + fp32 alpha for ParetoQ layers, fp32 for everything else."""
+    layers = quantized_layers(model)
+    scheme = model_scheme(model)
+    bits = code_bits(scheme.levels)
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    state = {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            owner, _, leaf = name.rpartition(".")
+            if owner in layers and leaf == "weight":
+                codes, _ = layers[owner].quantized_weight()
+                state[owner + codes_suffix(bits)] = pack_nbit(codes, scheme.levels, bits)
+            elif owner in layers and leaf == "alpha":
+                # The alpha the forward uses: training can push the parameter below the quantizer's clamp.
+                state[name] = tensor.detach().clamp(min=ALPHA_EPS).to(torch.float32).contiguous()
+            elif not (tied and name == "lm_head.weight"):
+                state[name] = tensor.detach().to(torch.float32).contiguous()
+    return state
+
+
+def bits_per_linear_weight(state: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> float:
+    """Stored bits per quantized weight: packed code bytes, alpha and any bias of those layers, over out * in."""
+    bits = weights = 0
+    for owner, (out_features, in_features) in shapes.items():
+        bits += sum(t.numel() * t.element_size() * 8 for k, t in state.items() if k.startswith(owner + "."))
+        weights += out_features * in_features
+    return bits / weights
+
+
+def write(model: nn.Module, folder: Path, dtype: str) -> None:
+    """model.safetensors + config.json; every unpacked tensor is fp32 (``--dtype`` does not apply)."""
+    state = packed_state_dict(model)
+    check_finite(state)
+    scheme = model_scheme(model)
+    layers = quantized_layers(model)
+    shapes = {n: [m.out_features, m.in_features] for n, m in layers.items()}
+    config = {"model_type": PACKED_MODEL_TYPE, "format_version": 1, "quant": asdict(model_quant(model)),
+              "scheme": scheme.name, "levels": list(scheme.levels), "code_bits": code_bits(scheme.levels),
+              "code_multiplier": next(iter(layers.values())).grid.code_multiplier,
+              "base_config": model.config.to_dict(), "linear_shapes": shapes,
+              "bits_per_linear_weight": bits_per_linear_weight(state, shapes)}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _read_config(folder: Path) -> dict:
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("model_type") != PACKED_MODEL_TYPE:
+        raise ExportError(f"{folder} is not a qat-packed export (config.json model_type != {PACKED_MODEL_TYPE!r}); "
+                          "write one with `qat export CKPT --format qat-packed`")
+    return config
+
+
+def file_bits_per_weight(folder: Path) -> float:
+    """Bits per quantized weight measured from ``model.safetensors``."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return bits_per_linear_weight(state, config["linear_shapes"])
+
+
+def load_packed_export(folder: str | Path) -> torch.nn.Module:
+    """Rebuild an exported ParetoQ model (eval mode, fp32) whose logits equal the training model's.
+
+    Each layer gets its stored alpha and, as latent weight, its dequantized codes ``codes * alpha / m``, which the
+    quantizer maps back to exactly the stored codes.
+
+    Raises:
+        ExportError: the folder is not a qat-packed export or does not match its config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.nn.convert import convert_to_qat
+
+    folder = Path(folder)
+    config = _read_config(folder)
+    base = dict(config["base_config"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(base.pop("model_type"), **base),
+                                             dtype=torch.float32)
+    convert_to_qat(model, QuantConfig(**config["quant"]))
+    layers = quantized_layers(model)
+    levels, bits = tuple(config["levels"]), int(config["code_bits"])
+    suffix = codes_suffix(bits)
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
+        state = {key: f.get_tensor(key) for key in f.keys()}
+    for owner, layer in layers.items():
+        if owner + suffix not in state or owner + ALPHA_SUFFIX not in state:
+            raise ExportError(f"{folder}: no {owner}{suffix} / {owner}{ALPHA_SUFFIX} for a quantized layer of the "
+                              "model its config describes; re-export it")
+        try:
+            codes = unpack_nbit(state.pop(owner + suffix), levels, bits, layer.in_features)
+        except ValueError as e:
+            raise ExportError(f"{folder}: {owner}{suffix}: {e}") from None
+        alpha = state[owner + ALPHA_SUFFIX]
+        rows, groups = layer.alpha_shape
+        scale = (alpha.reshape(rows, groups, 1) / layer.grid.code_multiplier)
+        state[owner + ".weight"] = (codes.reshape(rows, groups, -1) * scale).reshape(codes.shape)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ExportError(f"{folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+FORMAT = ExportFormat(
+    name="qat-packed",
+    description="ParetoQ codes at their true bit width (1/2/3/4 bits; ternary at 2) + fp32 scales alpha, safetensors",
+    runtime="**qat only** (`qat.export.qat_packed.load_packed_export`). No other runtime reads this layout; "
+            f"`config.json` has model_type `{PACKED_MODEL_TYPE}` so HF transformers refuses the folder rather than "
+            "load it wrongly. Weight = codes * alpha / code_multiplier (config.json)",
+    loading_code="from qat.export.qat_packed import load_packed_export\n"
+                 "model = load_packed_export(path)  # a transformers model with qat's ParetoQ layers, eval mode",
+    check=check, write=write, load=load_packed_export, bits_per_weight=file_bits_per_weight)
