@@ -12,6 +12,7 @@ from tests.conftest import REPO, run_qat
 
 RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
 EXPECTED_FORMAT = {"bitnet-b158-tiny.yaml": "hf", "bitnet-b1-binary-tiny.yaml": "hf", "fp-baseline-tiny.yaml": "hf-fp",
+                   "bitnet-b158-tiny-llamacpp.yaml": "hf", "fp-baseline-tiny-fp8.yaml": "hf-fp",
                    "fbi-binary-tiny-ad.yaml": "binary", "fbi-binary-tiny-ce.yaml": "binary",
                    "smollm2-135m-4bit.yaml": "qat-packed", "smollm2-135m-ternary.yaml": "qat-packed"}
 FEW_STEPS = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
