@@ -2,6 +2,7 @@
 what it builds, and one real short training run shared by the spine tests."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,26 @@ def smollm2_teacher():
     from qat.teachers import TeacherConfig, load_teacher
 
     return load_teacher(TeacherConfig(source="smollm2"))
+
+
+LOCAL_CLUSTER = REPO / "cluster" / "local-cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """One real local SLURM cluster (2 emulated nodes, partitions debug + urgent) for the whole test session, shared
+    by every test that needs one; SLURM_CONF points the clients at it. Its own state dir and ports, so a developer's
+    cluster keeps running."""
+    if shutil.which("slurmctld") is None:
+        pytest.skip("SLURM is not installed: run cluster/local-cluster.sh install (CI: .ci/install-system.sh)")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(state), "SLURM_LOCAL_PORT_BASE": "46817"}
+    subprocess.run([str(LOCAL_CLUSTER), "start"], env=env, check=True, timeout=60)
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
+    yield state
+    subprocess.run([str(LOCAL_CLUSTER), "stop"], env=env, timeout=60)
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous

@@ -19,7 +19,6 @@ from qat.cluster.sweep import render_array_script
 from qat.errors import RecipeError
 from qat.eval import sweep as sweep_eval
 from qat.eval.sweep import bit_schemes, markdown_table, model_size_bits, pareto_front, parse_bits, plan_points
-from tests.cluster.conftest import slurm_cluster  # noqa: F401 -- the local SLURM cluster fixture
 from tests.conftest import REPO, run_qat
 
 RECIPE = REPO / "recipes" / "bitnet-b158-tiny.yaml"

@@ -157,10 +157,13 @@ def test_a_base_gguf_of_another_shape_is_refused(tmp_path):
 @pytest.mark.slow
 def test_a_model_fine_tuned_from_smollm2_gets_its_gguf_metadata(tmp_path, smollm2_teacher):
     """The real SmolLM2-135M (from its GGUF), quantized: the export copies the base's tokenizer and chat template."""
+    import copy
+
     from qat.export.gguf_q4_0 import export_gguf_q4_0
     from qat.nn.convert import convert_to_qat
 
-    model = convert_to_qat(smollm2_teacher.model, QuantConfig(granularity="row", activation="none"))
+    # A copy: the session's teacher fixture is shared with other tests and must stay the frozen original.
+    model = convert_to_qat(copy.deepcopy(smollm2_teacher.model), QuantConfig(granularity="row", activation="none"))
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_teacher.tokenizer_dir))
     out = export_gguf_q4_0(model, tokenizer, tmp_path / "smollm2-q4_0.gguf")
     reader = GGUFReader(out)
