@@ -22,7 +22,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qat.errors import ExportError
-from qat.export.exporter import ExportFormat, model_quant, model_scheme
+from qat.export.exporter import (
+    ExportFormat,
+    linear_bits_per_weight,
+    measured_bits_per_weight,
+    model_quant,
+    model_scheme,
+    read_qat_config,
+)
 from qat.export.folder import WEIGHTS_FILE, check_finite
 from qat.nn.config import QuantConfig
 from qat.nn.quantized import quantized_layers
@@ -58,16 +65,6 @@ def binary_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def bits_per_linear_weight(state: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> float:
-    """Stored bits per binary weight: the packed sign bytes plus every other tensor of those layers (the scales),
-    over the layers' ``out * in`` weights."""
-    bits = weights = 0
-    for owner, (out_features, in_features) in shapes.items():
-        bits += sum(t.numel() * t.element_size() * 8 for k, t in state.items() if k.startswith(owner + "."))
-        weights += out_features * in_features
-    return bits / weights
-
-
 def write(model: nn.Module, folder: Path, dtype: str) -> None:
     """model.safetensors + config.json (every tensor stays fp32: the scales are what the 1-bit signs need)."""
     state = binary_state_dict(model)
@@ -75,27 +72,14 @@ def write(model: nn.Module, folder: Path, dtype: str) -> None:
     shapes = {n: [m.out_features, m.in_features] for n, m in quantized_layers(model).items()}
     config = {"model_type": BINARY_MODEL_TYPE, "format_version": 1, "quant": asdict(model_quant(model)),
               "base_config": model.config.to_dict(), "linear_shapes": shapes,
-              "bits_per_linear_weight": bits_per_linear_weight(state, shapes)}
+              "bits_per_linear_weight": linear_bits_per_weight(state, shapes)}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _read_config(folder: Path) -> dict:
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if config.get("model_type") != BINARY_MODEL_TYPE:
-        raise ExportError(f"{folder} is not a qat binary export (config.json model_type != {BINARY_MODEL_TYPE!r}); "
-                          "write one with `qat export CKPT --format binary`")
-    return config
-
-
 def file_bits_per_weight(folder: Path) -> float:
-    """Bits per binary weight measured from ``model.safetensors``."""
-    folder = Path(folder)
-    config = _read_config(folder)
-    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    return bits_per_linear_weight(state, config["linear_shapes"])
+    """Bits per quantized weight measured from ``model.safetensors``."""
+    return measured_bits_per_weight(folder, WEIGHTS_FILE, BINARY_MODEL_TYPE, "binary")
 
 
 def load_binary_export(folder: str | Path) -> torch.nn.Module:
@@ -109,7 +93,7 @@ def load_binary_export(folder: str | Path) -> torch.nn.Module:
     from qat.nn.convert import convert_to_qat
 
     folder = Path(folder)
-    config = _read_config(folder)
+    config = read_qat_config(folder, BINARY_MODEL_TYPE, "binary")
     base = dict(config["base_config"])
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(base.pop("model_type"), **base),
                                              dtype=torch.float32)

@@ -78,3 +78,39 @@ def check_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def linear_bits_per_weight(state: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> float:
+    """Stored bits per quantized weight of a qat safetensors format: every tensor of the quantized layers (packed
+    codes, scales, biases) over their ``out * in`` weights."""
+    bits = weights = 0
+    for owner, (out_features, in_features) in shapes.items():
+        bits += sum(t.numel() * t.element_size() * 8 for k, t in state.items() if k.startswith(owner + "."))
+        weights += out_features * in_features
+    return bits / weights
+
+
+def read_qat_config(folder: Path, model_type: str, fmt: str) -> dict:
+    """``config.json`` of a qat-only safetensors export (``model_type`` names the format, so transformers refuses it).
+
+    Raises:
+        ExportError: the folder is not an export of that format.
+    """
+    import json
+
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("model_type") != model_type:
+        raise ExportError(f"{folder} is not a qat {fmt} export (config.json model_type != {model_type!r}); "
+                          f"write one with `qat export CKPT --format {fmt}`")
+    return config
+
+
+def measured_bits_per_weight(folder: Path, weights_file: str, model_type: str, fmt: str) -> float:
+    """Bits per quantized weight measured from the export's safetensors file."""
+    from safetensors import safe_open
+
+    config = read_qat_config(folder, model_type, fmt)
+    with safe_open(str(Path(folder) / weights_file), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return linear_bits_per_weight(state, config["linear_shapes"])

@@ -25,7 +25,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qat.errors import ExportError
-from qat.export.exporter import ExportFormat, model_quant, model_scheme
+from qat.export.exporter import (
+    ExportFormat,
+    linear_bits_per_weight,
+    measured_bits_per_weight,
+    model_quant,
+    model_scheme,
+    read_qat_config,
+)
 from qat.export.folder import WEIGHTS_FILE, check_finite
 from qat.nn.config import QuantConfig
 from qat.nn.paretoq_linear import ParetoQLinear
@@ -79,15 +86,6 @@ def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def bits_per_linear_weight(state: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> float:
-    """Stored bits per quantized weight: packed code bytes, alpha and any bias of those layers, over out * in."""
-    bits = weights = 0
-    for owner, (out_features, in_features) in shapes.items():
-        bits += sum(t.numel() * t.element_size() * 8 for k, t in state.items() if k.startswith(owner + "."))
-        weights += out_features * in_features
-    return bits / weights
-
-
 def write(model: nn.Module, folder: Path, dtype: str) -> None:
     """model.safetensors + config.json; every unpacked tensor is fp32 (``--dtype`` does not apply)."""
     state = packed_state_dict(model)
@@ -99,27 +97,14 @@ def write(model: nn.Module, folder: Path, dtype: str) -> None:
               "scheme": scheme.name, "levels": list(scheme.levels), "code_bits": code_bits(scheme.levels),
               "code_multiplier": next(iter(layers.values())).grid.code_multiplier,
               "base_config": model.config.to_dict(), "linear_shapes": shapes,
-              "bits_per_linear_weight": bits_per_linear_weight(state, shapes)}
+              "bits_per_linear_weight": linear_bits_per_weight(state, shapes)}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _read_config(folder: Path) -> dict:
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if config.get("model_type") != PACKED_MODEL_TYPE:
-        raise ExportError(f"{folder} is not a qat-packed export (config.json model_type != {PACKED_MODEL_TYPE!r}); "
-                          "write one with `qat export CKPT --format qat-packed`")
-    return config
-
-
 def file_bits_per_weight(folder: Path) -> float:
     """Bits per quantized weight measured from ``model.safetensors``."""
-    folder = Path(folder)
-    config = _read_config(folder)
-    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    return bits_per_linear_weight(state, config["linear_shapes"])
+    return measured_bits_per_weight(folder, WEIGHTS_FILE, PACKED_MODEL_TYPE, "qat-packed")
 
 
 def load_packed_export(folder: str | Path) -> torch.nn.Module:
@@ -136,7 +121,7 @@ def load_packed_export(folder: str | Path) -> torch.nn.Module:
     from qat.nn.convert import convert_to_qat
 
     folder = Path(folder)
-    config = _read_config(folder)
+    config = read_qat_config(folder, PACKED_MODEL_TYPE, "qat-packed")
     base = dict(config["base_config"])
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(base.pop("model_type"), **base),
                                              dtype=torch.float32)
