@@ -32,8 +32,10 @@ def export(checkpoint: str, out_dir: Optional[str] = None, format: Optional[Form
         out_dir: output folder (default: runs/<name>/export-<format>). It must be new, empty, or a previous qat
             export (replaced only with --force); any other folder is refused, never emptied.
         format: hf (HF BitNet, 2-bit packed), hf-fp (plain HF folder, for full-precision runs),
-            gguf-tq2_0 / gguf-tq1_0 (llama.cpp ternary GGUF), binary (fbi_binary/onebit runs: 1 bit/weight +
-            scales, loads through qat only). Default: the format the checkpoint's quantization scheme exports to.
+            gguf-tq2_0 / gguf-tq1_0 (llama.cpp ternary GGUF), gguf-q4_0 (llama.cpp Q4_0 of llama models:
+            ParetoQ / row-scaled codes in [-8, 7]), binary (fbi_binary/onebit runs: 1 bit/weight + scales, loads
+            through qat only), qat-packed (ParetoQ codes at their true bit width + scales, loads through qat only).
+            Default: the format the checkpoint's quantization scheme exports to.
         dtype: dtype of the tensors that stay unpacked (embeddings, norms, lm_head, scales) in hf / hf-fp.
         force: replace a previous qat export at out_dir.
 
