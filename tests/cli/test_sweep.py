@@ -148,7 +148,7 @@ def test_sweep_dry_run_prints_the_array_script(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--bits", "1"], "unknown quantization scheme 'paretoq_1bit'"),     # the default mapping needs ParetoQ
+    (["--bits", "1", "--schemes", "paretoq_9bit"], "unknown quantization scheme 'paretoq_9bit'"),
     (["--bits", "1,1.58", "--schemes", "absmean_ternary"], "one scheme per bit width"),
     (["--bits", "1", "--schemes", "fbi_binary"], "model.quant.activation='int8_per_token' is not supported"),
     (["--bits", "1", "--schemes", "absmean_binary", "--fp", "false"], "--ptq needs the FP point"),
