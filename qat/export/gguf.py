@@ -38,6 +38,18 @@ EXTRA_NAMES = {"self_attn.attn_sub_norm": gguf.MODEL_TENSOR.ATTN_SUB_NORM,
                "mlp.ffn_sub_norm": gguf.MODEL_TENSOR.FFN_SUB_NORM}
 
 
+
+def finish_gguf_file(writer: gguf.GGUFWriter, tmp: Path, out_file: Path) -> None:
+    """Write the header, metadata and tensors of ``writer`` (open on ``tmp``), fsync, and rename to ``out_file``:
+    readers never see half a GGUF."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out_file)
+
 def ternary_layers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
     """``{module name: (codes (out, in), scale (out, groups) or (1, 1), group_size)}`` of the quantized layers."""
     layers = {}
@@ -192,13 +204,7 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, qtype: str = 
             else:
                 raw = pack_tq(tensor, per_block, TQ_TYPES[qtype])
                 writer.add_tensor(gguf_name, raw, raw_dtype=TQ_TYPES[qtype])   # byte shape -> (out, in)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_file)
+        finish_gguf_file(writer, tmp, out_file)
     finally:
         tmp.unlink(missing_ok=True)
     return out_file

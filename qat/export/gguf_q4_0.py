@@ -377,6 +377,8 @@ def export_gguf_q4_0(model: nn.Module, tokenizer: Any, out_file: str | Path,
             tensors.append((name, (permute_rope_rows(data, heads) if heads else data).numpy(), None))
     out_file = Path(out_file)
     tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
+    from qat.export.gguf import _add_tokenizer, finish_gguf_file
+
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
         writer.add_name(getattr(config, "name_or_path", "") or "qat-llama")
@@ -386,21 +388,13 @@ def export_gguf_q4_0(model: nn.Module, tokenizer: Any, out_file: str | Path,
         if base is not None:
             _copy_base_metadata(writer, base)
         else:
-            from qat.export.gguf import _add_tokenizer
-
             _add_tokenizer(writer, tokenizer, config.vocab_size)
         for name, data, raw_dtype in tensors:
             if raw_dtype is None:
                 writer.add_tensor(name, data)
             else:
                 writer.add_tensor(name, data, raw_dtype=raw_dtype)        # byte shape -> (out, in)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out_file)
+        finish_gguf_file(writer, tmp, out_file)
     finally:
         tmp.unlink(missing_ok=True)
     return out_file
