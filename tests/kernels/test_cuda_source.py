@@ -26,3 +26,21 @@ def test_cuda_source_compiles(arch, tmp_path):
     assert text.count(".entry") == 2                         # ternary and binary kernels
     assert "ternary_gemv_kernel" in text and "binary_tile_gemv_kernel" in text
     assert cubin.stat().st_size > 0
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: the CUDA source cannot be compiled here")
+def test_cuda_gemv_library_builds_once_and_loads(tmp_path, monkeypatch):
+    """The launcher library the GPU path calls builds into the cache and loads (no driver needed to load it)."""
+    from qat.kernels import cuda_gemv
+
+    monkeypatch.setenv("QAT_CACHE_DIR", str(tmp_path))
+    cuda_gemv.load_cuda_gemv.cache_clear()
+    launcher = cuda_gemv.load_cuda_gemv("sm_90")
+    built = list((tmp_path / "cuda_kernels").glob("packed_gemv-sm_90-*.so"))
+    assert len(built) == 1 and callable(launcher)
+    assert not list((tmp_path / "cuda_kernels").glob(".*"))          # no partial build left behind
+    mtime = built[0].stat().st_mtime_ns
+    cuda_gemv.load_cuda_gemv.cache_clear()
+    cuda_gemv.load_cuda_gemv("sm_90")
+    assert built[0].stat().st_mtime_ns == mtime                      # reused, not rebuilt
+    cuda_gemv.load_cuda_gemv.cache_clear()
