@@ -52,8 +52,12 @@ def hf_bitnet_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torc
             state[f"{name}.weight"] = pack_ternary_hf(codes)
             # Scale kept in fp32 math, then stored in the model dtype (as transformers expects).
             state[f"{name}.weight_scale"] = (1.0 / scale.float()).reshape(1).to(dtype)
+        # HF's BitLinear holds weight, weight_scale, bias and its rms_norm submodule; a quantized layer's own
+        # training-only tensors (e.g. ParetoQ's alpha, folded into the scale above) are not HF's.
+        training_only = {f"{name}.{key}" for name, module in quantized_layers(model).items()
+                         for key, _ in module.named_parameters(recurse=False) if key not in ("weight", "bias")}
         for key, tensor in model.state_dict().items():
-            if key not in state:
+            if key not in state and key not in training_only:
                 state[key] = tensor.detach().to(dtype).contiguous()
     return state
 

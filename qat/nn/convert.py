@@ -70,7 +70,9 @@ def build_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, token_ids:
     """A causal LM from ``arch``: weights from ``arch.pretrained`` or freshly initialised."""
     config = hf_config(arch, token_ids)
     if arch.pretrained:
-        return AutoModelForCausalLM.from_pretrained(pretrained_folder(arch.pretrained), config=config, dtype=dtype)
+        # from_pretrained returns eval mode; a model built here is trained, like a freshly initialised one.
+        return AutoModelForCausalLM.from_pretrained(pretrained_folder(arch.pretrained), config=config,
+                                                    dtype=dtype).train()
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 

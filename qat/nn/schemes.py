@@ -131,13 +131,18 @@ register_scheme(Scheme(
 # ParetoQ (arXiv 2502.02631): learnable scale alpha per row/group, effective weight codes * scale
 # (qat.quant.paretoq); weight-only by default (the first activation setting).
 PARETOQ_EXPORTS = ("qat-packed", "gguf-q4_0")
+# Codes in {-1, 0, 1}: HF BitNet holds them too when the scale is one per tensor and activations are int8 per token
+# (HF's BitLinear always quantizes them); transformers applies it to any architecture (llama too).
+PARETOQ_TERNARY_EXPORTS = (*PARETOQ_EXPORTS, "hf")
 PARETOQ_ACTIVATIONS = ("none", "int8_per_token")
 
 register_scheme(Scheme(
-    "paretoq_1bit", (-1, 1), ParetoQLinear, None, None, PARETOQ_EXPORTS, activations=PARETOQ_ACTIVATIONS,
+    "paretoq_1bit", (-1, 1), ParetoQLinear, None, None, PARETOQ_TERNARY_EXPORTS,
+    activations=PARETOQ_ACTIVATIONS,
     description="ParetoQ 1-bit: codes sign(W), scale alpha (learnable, init mean|W|)"))
 register_scheme(Scheme(
-    "paretoq_ternary", (-1, 0, 1), ParetoQLinear, None, None, PARETOQ_EXPORTS, activations=PARETOQ_ACTIVATIONS,
+    "paretoq_ternary", (-1, 0, 1), ParetoQLinear, None, None, PARETOQ_TERNARY_EXPORTS,
+    activations=PARETOQ_ACTIVATIONS,
     description="ParetoQ ternary (SEQ n=1.5): levels {-2/3, 0, 2/3} * alpha = codes {-1, 0, 1} * (2 alpha / 3)"))
 register_scheme(Scheme(
     "paretoq_2bit", (-3, -1, 1, 3), ParetoQLinear, None, None, PARETOQ_EXPORTS, activations=PARETOQ_ACTIVATIONS,

@@ -25,6 +25,16 @@ def test_every_recipe_has_an_expected_format():
     assert sorted(EXPECTED_FORMAT) == RECIPES
 
 
+def test_no_recipe_pins_its_run_folder():
+    """The run folder is ``$QAT_RUNS_DIR/<run.name>`` (default ``runs/``); a pinned ``trainer.default_root_dir`` would
+    ignore the user's ``QAT_RUNS_DIR``."""
+    import yaml
+
+    pinned = [name for name in RECIPES
+              if "default_root_dir" in (yaml.safe_load((REPO / "recipes" / name).read_text()).get("trainer") or {})]
+    assert pinned == []
+
+
 def test_distillation_recipes_are_recognised_and_eval_flag_is_split_off():
     assert uses_distillation(["--config", str(REPO / "recipes" / "fbi-binary-tiny-ad.yaml")])
     assert not uses_distillation([f"--config={REPO / 'recipes' / 'fbi-binary-tiny-ce.yaml'}"])

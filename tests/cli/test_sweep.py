@@ -179,29 +179,36 @@ def test_wandb_logger_takes_the_sweep_group(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_real_small_sweep_writes_the_csv_table_and_plot(tmp_path):
-    """The tiny recipe over the schemes of this tree: FP, binary and ternary QAT, and their PTQ points."""
+def test_a_real_sweep_over_the_paretoq_bit_widths_writes_the_csv_table_and_plot(tmp_path):
+    """The tiny recipe over {1, 1.58, 2, 3, 4} bits with the default (ParetoQ) schemes: FP, five QAT points and their
+    PTQ points, each a real run or quantization with its export and evaluation."""
     env_runs = tmp_path / "runs"
-    result = run_qat("sweep", "--config", str(RECIPE), "--bits", "1,1.58", "--schemes",
-                     "absmean_binary,absmean_ternary", "--eval_max_blocks", "2",
-                     "--overrides+=--trainer.max_steps=10", "--overrides+=--trainer.val_check_interval=10",
-                     "--overrides+=--trainer.limit_val_batches=1", "--overrides+=--trainer.enable_progress_bar=false",
+    steps = ["--overrides+=--trainer.max_steps=6", "--overrides+=--trainer.val_check_interval=6",
+             "--overrides+=--trainer.limit_val_batches=1", "--overrides+=--trainer.enable_progress_bar=false",
+             "--overrides+=--data.max_val_blocks=4"]
+    result = run_qat("sweep", "--config", str(RECIPE), "--bits", "1,1.58,2,3,4", "--eval_max_blocks", "2", *steps,
                      cwd=tmp_path, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     sweep_dir = env_runs / "bitnet-b158-tiny-sweep"
     rows = list(csv.DictReader((sweep_dir / "sweep.csv").open()))
-    assert [r["kind"] for r in rows] == ["fp", "qat", "ptq", "qat", "ptq"]
+    assert [(r["kind"], r["bits"]) for r in rows] == [("fp", "16")] + [
+        (kind, bits) for bits in ("1", "1.58", "2", "3", "4") for kind in ("qat", "ptq")]
+    assert {r["scheme"] for r in rows if r["kind"] == "qat"} == {
+        "paretoq_1bit", "paretoq_ternary", "paretoq_2bit", "paretoq_3bit", "paretoq_4bit"}
     sizes = {r["point"]: int(r["size_bits"]) for r in rows}
-    assert sizes["bitnet-b158-tiny-w1.58"] < sizes["bitnet-b158-tiny-fp"] / 2   # packed 2-bit vs fp32
+    # the packed codes grow with the bit width (the fp32 embeddings, head and alphas are the same in every point)
+    qat_sizes = [sizes[f"bitnet-b158-tiny-w{b}"] for b in ("1", "1.58", "3", "4")]
+    assert qat_sizes == sorted(qat_sizes) and qat_sizes[-1] < sizes["bitnet-b158-tiny-fp"]
+    assert sizes["bitnet-b158-tiny-w1.58"] == sizes["bitnet-b158-tiny-w2"]          # both 2-bit codes
     assert all(float(r["perplexity"]) > 1 and float(r["bits_per_byte"]) > 0 for r in rows)
-    assert "| Pareto front |" in (sweep_dir / "sweep.md").read_text()
+    table = (sweep_dir / "sweep.md").read_text()
+    assert "| Pareto front |" in table and table.count("| yes |") >= 2
     assert (sweep_dir / "pareto.png").stat().st_size > 10_000
     # W&B: each trained point is its own offline run, all in one group.
-    assert all(Path(env_runs / name / "wandb").is_dir() for name in ("bitnet-b158-tiny-fp", "bitnet-b158-tiny-w1"))
+    assert all(Path(env_runs / name / "wandb").is_dir() for name in ("bitnet-b158-tiny-fp", "bitnet-b158-tiny-w3"))
     # Rerun: every point is finished, nothing is retrained.
-    again = run_qat("sweep", "--config", str(RECIPE), "--bits", "1,1.58", "--schemes",
-                    "absmean_binary,absmean_ternary", cwd=tmp_path, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("is finished") == 5, again.stderr[-2000:]
+    again = run_qat("sweep", "--config", str(RECIPE), "--bits", "1,1.58,2,3,4", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("is finished") == 11, again.stderr[-2000:]
 
 
 @pytest.mark.cluster

@@ -109,3 +109,56 @@ def test_an_alpha_trained_below_the_clamp_exports_as_the_forward_uses_it(tmp_pat
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(load_packed_export(out)(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _trained_for_hf(weight: str, family: str):
+    torch.manual_seed(0)
+    arch = ArchConfig(family=family, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2)
+    model = convert_to_qat(build_model(arch), QuantConfig(weight=weight, granularity="tensor",
+                                                          activation="int8_per_token"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        ids = torch.randint(0, 97, (2, 9))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("weight", ["paretoq_ternary", "paretoq_1bit"])
+@pytest.mark.parametrize("family", ["llama", "bitnet"])
+def test_per_tensor_int8_paretoq_exports_to_hf_bitnet_and_transformers_agrees(tmp_path, weight, family):
+    """ParetoQ ternary/1-bit codes with one scale per tensor and int8 activations are what HF's BitLinear computes:
+    transformers loads the export (BitNetForCausalLM, or LlamaForCausalLM with bitnet quantization) and gives
+    the trained model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = _trained_for_hf(weight, family)
+    out = export_model(model, _tokenizer_files(tmp_path), tmp_path / "export", "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, device_map="cpu").eval()
+    assert type(reloaded).__name__ == type(model).__name__
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    # as `qat eval` requires of an fp32 export (qat/eval/agreement.py): an int8 activation code may round the
+    # other way in HF's order of fp32 operations
+    assert (ours - theirs).abs().max() <= 5e-3 * ours.abs().max()
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(granularity="row", activation="int8_per_token"), "one scale per tensor"),
+    (dict(granularity="tensor", activation="none"), "int8 per token"),
+])
+def test_hf_export_of_paretoq_names_what_to_change(tmp_path, settings, message):
+    torch.manual_seed(0)
+    arch = ArchConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    model = convert_to_qat(build_model(arch), QuantConfig(weight="paretoq_ternary", **settings))
+    with pytest.raises(ExportError, match=message):
+        export_model(model, _tokenizer_files(tmp_path), tmp_path / "export", "hf")
+    with pytest.raises(ExportError, match="not held exactly by HF BitNet"):
+        export_model(convert_to_qat(build_model(arch), QuantConfig(weight="paretoq_2bit", activation="int8_per_token",
+                                                                   granularity="tensor")),
+                     _tokenizer_files(tmp_path), tmp_path / "export2", "hf")
