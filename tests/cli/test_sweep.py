@@ -202,7 +202,9 @@ def test_a_real_sweep_over_the_paretoq_bit_widths_writes_the_csv_table_and_plot(
     assert sizes["bitnet-b158-tiny-w1.58"] == sizes["bitnet-b158-tiny-w2"]          # both 2-bit codes
     assert all(float(r["perplexity"]) > 1 and float(r["bits_per_byte"]) > 0 for r in rows)
     table = (sweep_dir / "sweep.md").read_text()
-    assert "| Pareto front |" in table and table.count("| yes |") >= 2
+    marked = [line.split("|")[1].strip() for line in table.splitlines() if line.endswith("| yes |")]
+    front = pareto_front([(int(r["size_bits"]), float(r["bits_per_byte"])) for r in rows])
+    assert "| Pareto front |" in table and sorted(marked) == sorted(rows[i]["point"] for i in front)
     assert (sweep_dir / "pareto.png").stat().st_size > 10_000
     # W&B: each trained point is its own offline run, all in one group.
     assert all(Path(env_runs / name / "wandb").is_dir() for name in ("bitnet-b158-tiny-fp", "bitnet-b158-tiny-w3"))
