@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional
 from torch import nn
 
 from qat.checkpoint.integrity import state_dict_sha256
-from qat.export.exporter import check_dtype, model_quant, model_scheme
+from qat.export.exporter import check_dtype, check_one_setting, model_quant, model_scheme
 from qat.export.folder import check_export_target, check_finite, tokenizer_files_of, write_export_folder
 from qat.export.formats import default_format, get_format
 from qat.export.model_card import base_model_provenance, render_model_card
@@ -46,6 +46,7 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, format: 
     fmt = get_format(format) if format else default_format(model)
     check_dtype(dtype)
     out = check_export_target(out_dir, force, protected)
+    check_one_setting(model, fmt)
     fmt.check(model)
     check_finite(model.state_dict())
     scheme, quant = model_scheme(model), model_quant(model)

@@ -37,6 +37,7 @@ class ExportFormat:
             something by design (GGUF's fp16 block scales); ``qat eval`` compares the export against it.
         uses_dtype: ``--dtype`` sets the precision of the unpacked tensors (else they are stored as the format
             fixes them, recorded as float32).
+        holds_layer_groups: the format stores each layer's own quantization (``model.quant.layer_groups``).
     """
 
     name: str
@@ -49,19 +50,45 @@ class ExportFormat:
     bits_per_weight: Callable[[Path], Optional[float]]
     packed_kernels: bool = False
     uses_dtype: bool = False
+    holds_layer_groups: bool = False
     reference: Callable[[nn.Module], nn.Module] = lambda model: model
 
 
 def model_quant(model: nn.Module) -> Optional[QuantConfig]:
-    """The QuantConfig shared by ``model``'s quantized layers; None for a full-precision model.
+    """The QuantConfig ``model`` was quantized with (layer groups included); None for a full-precision model.
 
     Raises:
-        ExportError: layers quantized in different ways (no format holds a mix).
+        ExportError: layers quantized in different ways by something other than ``convert_to_qat``.
     """
-    quants = {repr(layer.quant): layer.quant for layer in quantized_layers(model).values()}
+    layers = quantized_layers(model)
+    recorded = getattr(model, "qat_quant_config", None)
+    if recorded is not None and layers:
+        return recorded
+    quants = {repr(layer.quant): layer.quant for layer in layers.values()}
     if len(quants) > 1:
-        raise ExportError(f"the model mixes quantization settings {sorted(quants)}; exports hold one scheme")
+        raise ExportError(f"the model mixes quantization settings {sorted(quants)} without a model.quant that "
+                          "describes the mix; quantize it with convert_to_qat (model.quant.layer_groups)")
     return next(iter(quants.values()), None)
+
+
+def layer_schemes(model: nn.Module) -> list[Scheme]:
+    """The distinct schemes of ``model``'s quantized layers (several with ``model.quant.layer_groups``)."""
+    from qat.nn.schemes import get_scheme
+
+    names = dict.fromkeys(layer.quant.weight for layer in quantized_layers(model).values())
+    return [get_scheme(name) for name in names]
+
+
+def check_one_setting(model: nn.Module, fmt: "ExportFormat") -> None:
+    """Raises ExportError when ``fmt`` holds one quantization setting for every layer and ``model`` has several."""
+    from qat.export.formats import EXPORT_FORMATS
+
+    quant = model_quant(model)
+    if quant is not None and quant.layer_groups and not fmt.holds_layer_groups:
+        holding = " or ".join(f"--format {f.name}" for f in EXPORT_FORMATS.values() if f.holds_layer_groups)
+        raise ExportError(f"--format {fmt.name} stores one quantization setting for every layer; this model sets "
+                          f"some layers apart (model.quant.layer_groups). Use {holding}, or train without layer groups")
+
 
 
 def model_scheme(model: nn.Module) -> Optional[Scheme]:

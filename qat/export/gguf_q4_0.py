@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from qat.errors import ExportError
-from qat.export.exporter import ExportFormat, model_quant, model_scheme
+from qat.export.exporter import ExportFormat, layer_schemes, model_quant, model_scheme
 from qat.export.folder import check_finite
+from qat.nn.config import QuantConfig
 from qat.nn.quantized import quantized_layers
 
 QK4_0 = 32                      # weights per Q4_0 block
@@ -179,15 +180,8 @@ def check(model: nn.Module) -> None:
     scheme = model_scheme(model)
     if scheme is None:
         raise ExportError("GGUF Q4_0 holds quantized weights; this model is full precision. Use --format hf-fp")
-    if min(scheme.levels) < CODE_MIN or max(scheme.levels) > CODE_MAX:
-        raise ExportError(f"weight scheme {scheme.name!r} has codes in [{min(scheme.levels)}, {max(scheme.levels)}], "
-                          f"outside Q4_0's [{CODE_MIN}, {CODE_MAX}]; use --format {scheme.default_export}")
-    if scheme.weight_fn is None and FORMAT_NAME not in scheme.export_formats:
-        # A layer with learnable parameters may compute something other than codes * scale (FBI-LLM's
-        # alpha * sign + beta); such a scheme says that Q4_0 holds it by listing the format.
-        raise ExportError(f"weight scheme {scheme.name!r} ({scheme.description or scheme.layer_class.__name__}) does "
-                          f"not list {FORMAT_NAME} among the formats that hold it exactly (its effective weight need "
-                          f"not be codes * scale); use --format {scheme.default_export}")
+    for layer_scheme in layer_schemes(model):            # one per layer group (Q4_0 holds each layer's own codes)
+        _check_scheme(layer_scheme)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type != "llama":
@@ -213,6 +207,18 @@ def check(model: nn.Module) -> None:
             raise ExportError(f"{hf_name} is {what} that llama.cpp's llama graph has no slot for; it cannot be "
                               f"exported as GGUF. Use --format {scheme.default_export}")
     q4_0_layers(model)
+
+
+def _check_scheme(scheme) -> None:
+    if min(scheme.levels) < CODE_MIN or max(scheme.levels) > CODE_MAX:
+        raise ExportError(f"weight scheme {scheme.name!r} has codes in [{min(scheme.levels)}, {max(scheme.levels)}], "
+                          f"outside Q4_0's [{CODE_MIN}, {CODE_MAX}]; use --format {scheme.default_export}")
+    if scheme.weight_fn is None and FORMAT_NAME not in scheme.export_formats:
+        # A layer with learnable parameters may compute something other than codes * scale (FBI-LLM's
+        # alpha * sign + beta); such a scheme says that Q4_0 holds it by listing the format.
+        raise ExportError(f"weight scheme {scheme.name!r} ({scheme.description or scheme.layer_class.__name__}) does "
+                          f"not list {FORMAT_NAME} among the formats that hold it exactly (its effective weight need "
+                          f"not be codes * scale); use --format {scheme.default_export}")
 
 
 def _rope_parameters(config: Any) -> dict:
@@ -465,6 +471,7 @@ def load_q4_0_export(folder: str | Path) -> nn.Module:
     config = model.config
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     quantized = set(meta["quantized_layers"])
+    quant = QuantConfig(**meta["quant"])
 
     def read(hf_name: str, shape: torch.Size) -> torch.Tensor:
         name = _gguf_name(hf_name, name_map)
@@ -490,7 +497,7 @@ def load_q4_0_export(folder: str | Path) -> nn.Module:
         linear = model.get_submodule(name)
         bias = read(name + ".bias", linear.bias.shape) if linear.bias is not None else None
         model.set_submodule(name, dequantized_linear(read(name + ".weight", linear.weight.shape), bias,
-                                                     meta["quant"]["activation"]))
+                                                     quant.for_layer(name).activation))
     if config.tie_word_embeddings and "lm_head" not in quantized:
         model.tie_weights()
     return model.eval()
@@ -529,4 +536,4 @@ FORMAT = ExportFormat(
             "Q8_0 per 32 values); qat (`qat.export.gguf_q4_0.load_q4_0_export`)",
     loading_code="from qat.export.gguf_q4_0 import load_q4_0_export\nmodel = load_q4_0_export(path)",
     check=check, write=_write, load=load_q4_0_export, bits_per_weight=file_bits_per_weight,
-    reference=fp16_scale_reference)
+    reference=fp16_scale_reference, holds_layer_groups=True)

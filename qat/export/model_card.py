@@ -193,8 +193,11 @@ def render_model_card(name: str, manifest: Mapping[str, Any], evaluation: Option
              f"FFN {model.get('intermediate_size', '?')}, vocab {model.get('vocab_size', '?')}, "
              f"{'tied' if model.get('tie_word_embeddings') else 'untied'} embeddings"]
     if scheme:
+        groups = (manifest.get("quant") or {}).get("layer_groups")
         lines.append(f"- quantization: `{json.dumps(manifest.get('quant'))}` ({scheme['levels_count']} levels, "
-                     f"{scheme['bits']} bits of information per weight)")
+                     f"{scheme['bits']} bits of information per weight"
+                     + ("; the layers that a layer group matches use that group's settings instead" if groups else "")
+                     + ")")
         lines.append(f"- linear-layer storage (measured from the file): {bits:.4f} bits/weight" if bits is not None
                      else "- linear-layer storage: see the weights file")
     else:

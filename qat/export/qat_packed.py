@@ -37,6 +37,7 @@ from qat.export.folder import WEIGHTS_FILE, check_finite
 from qat.nn.config import QuantConfig
 from qat.nn.paretoq_linear import ParetoQLinear
 from qat.nn.quantized import quantized_layers
+from qat.nn.schemes import get_scheme
 from qat.pack.nbit import pack_nbit, unpack_nbit
 from qat.quant.paretoq import ALPHA_EPS
 
@@ -65,19 +66,23 @@ def check(model: nn.Module) -> None:
                           f"Use --format {instead}")
 
 
+def layer_levels(layer: nn.Module) -> tuple[int, ...]:
+    """The codes a quantized layer's scheme uses (each layer its own, with model.quant.layer_groups)."""
+    return get_scheme(layer.quant.weight).levels
+
+
 def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The export tensors: packed codes + fp32 alpha for ParetoQ layers, fp32 for everything else."""
     layers = quantized_layers(model)
-    scheme = model_scheme(model)
-    bits = code_bits(scheme.levels)
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     state = {}
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             owner, _, leaf = name.rpartition(".")
             if owner in layers and leaf == "weight":
+                levels = layer_levels(layers[owner])
                 codes, _ = layers[owner].quantized_weight()
-                state[owner + codes_suffix(bits)] = pack_nbit(codes, scheme.levels, bits)
+                state[owner + codes_suffix(code_bits(levels))] = pack_nbit(codes, levels, code_bits(levels))
             elif owner in layers and leaf == "alpha":
                 # The alpha the forward uses: training can push the parameter below the quantizer's clamp.
                 state[name] = tensor.detach().clamp(min=ALPHA_EPS).to(torch.float32).contiguous()
@@ -97,6 +102,7 @@ def write(model: nn.Module, folder: Path, dtype: str) -> None:
               "scheme": scheme.name, "levels": list(scheme.levels), "code_bits": code_bits(scheme.levels),
               "code_multiplier": next(iter(layers.values())).grid.code_multiplier,
               "base_config": model.config.to_dict(), "linear_shapes": shapes,
+              "layer_schemes": {n: m.quant.weight for n, m in layers.items()},
               "bits_per_linear_weight": linear_bits_per_weight(state, shapes)}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -127,11 +133,12 @@ def load_packed_export(folder: str | Path) -> torch.nn.Module:
                                              dtype=torch.float32)
     convert_to_qat(model, QuantConfig(**config["quant"]))
     layers = quantized_layers(model)
-    levels, bits = tuple(config["levels"]), int(config["code_bits"])
-    suffix = codes_suffix(bits)
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
         state = {key: f.get_tensor(key) for key in f.keys()}
     for owner, layer in layers.items():
+        levels = layer_levels(layer)
+        bits = code_bits(levels)
+        suffix = codes_suffix(bits)
         if owner + suffix not in state or owner + ALPHA_SUFFIX not in state:
             raise ExportError(f"{folder}: no {owner}{suffix} / {owner}{ALPHA_SUFFIX} for a quantized layer of the "
                               "model its config describes; re-export it")
@@ -160,4 +167,4 @@ FORMAT = ExportFormat(
             "load it wrongly. Weight = codes * alpha / code_multiplier (config.json)",
     loading_code="from qat.export.qat_packed import load_packed_export\n"
                  "model = load_packed_export(path)  # a transformers model with qat's ParetoQ layers, eval mode",
-    check=check, write=write, load=load_packed_export, bits_per_weight=file_bits_per_weight)
+    check=check, write=write, load=load_packed_export, bits_per_weight=file_bits_per_weight, holds_layer_groups=True)

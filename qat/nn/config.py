@@ -1,9 +1,10 @@
 """Configs of the model and its quantization: plain dataclasses that recipes map onto, validated when built (a
 recipe with an impossible setting fails before anything is computed, with a message naming the key)."""
 
-from dataclasses import dataclass, field
+import fnmatch
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from qat.errors import RecipeError
 
@@ -27,6 +28,10 @@ class QuantConfig:
             RMSNorm before activation quantization (unilm BitNet FAQ).
         keep_full_precision: module-name patterns (fnmatch, matched against the full name or its last
             component) whose linear layers stay in full precision.
+        layer_groups: per-layer-group settings, e.g. ``[{match: ["*.mlp.*"], weight: paretoq_2bit}]``: a group's
+            ``match`` patterns (as ``keep_full_precision``) select layers that take its ``weight``,
+            ``granularity``, ``group_size`` or ``activation`` instead of the ones above; the first group that
+            matches a layer wins. Exports that hold one setting for every layer refuse such a model.
     """
 
     weight: str = "absmean_ternary"
@@ -35,6 +40,7 @@ class QuantConfig:
     activation: Literal["int8_per_token", "none"] = "int8_per_token"
     norm_placement: Literal["subln", "inlayer"] = "subln"
     keep_full_precision: list[str] = field(default_factory=lambda: ["lm_head", "embed_tokens"])
+    layer_groups: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Lazy: the scheme registry imports the layers, which import this module.
@@ -44,6 +50,46 @@ class QuantConfig:
         if self.group_size <= 0:
             raise RecipeError(f"model.quant.group_size={self.group_size} must be >= 1 (inputs per weight scale)")
         scheme.check_config(self)
+        self.layer_groups = [_checked_layer_group(i, group) for i, group in enumerate(self.layer_groups)]
+        for i, group in enumerate(self.layer_groups):
+            try:
+                self.for_group(group)
+            except RecipeError as e:
+                raise RecipeError(f"model.quant.layer_groups[{i}] (match {group['match']}): {e}") from None
+
+    def for_group(self, group: dict[str, Any]) -> "QuantConfig":
+        return replace(self, layer_groups=[], **{k: v for k, v in group.items() if k != "match"})
+
+    def for_layer(self, name: str) -> "QuantConfig":
+        """The settings of the layer called ``name``: those of the first layer group matching it, else these."""
+        for group in self.layer_groups:
+            if name_matches(name, group["match"]):
+                return self.for_group(group)
+        return replace(self, layer_groups=[]) if self.layer_groups else self
+
+
+LAYER_GROUP_KEYS = ("weight", "granularity", "group_size", "activation")
+
+
+def name_matches(name: str, patterns: list[str]) -> bool:
+    """Whether a module name matches one of ``patterns`` (fnmatch on the full name or its last component)."""
+    last = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(last, p) for p in patterns)
+
+
+def _checked_layer_group(index: int, group: Any) -> dict[str, Any]:
+    where = f"model.quant.layer_groups[{index}]"
+    if not isinstance(group, dict):
+        raise RecipeError(f"{where} must be a mapping like {{match: ['*.mlp.*'], weight: paretoq_2bit}}, got {group!r}")
+    unknown = sorted(set(group) - {"match", *LAYER_GROUP_KEYS})
+    if unknown:
+        raise RecipeError(f"{where}: unknown keys {unknown}; a layer group sets match and any of "
+                          f"{', '.join(LAYER_GROUP_KEYS)}")
+    match = group.get("match")
+    match = [match] if isinstance(match, str) else match
+    if not match or not all(isinstance(p, str) and p for p in match):
+        raise RecipeError(f"{where}: match must list module-name patterns, e.g. ['*.mlp.*'], got {match!r}")
+    return {**group, "match": list(match)}
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """Model surgery: build a causal LM from an ``ArchConfig`` and swap its linear layers for the quantized layers of
 the scheme ``QuantConfig.weight`` names."""
 
-import fnmatch
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from qat.errors import RecipeError
 from qat.nn.bitlinear import BitLinear
-from qat.nn.config import PRETRAINED_SMOLLM2, ArchConfig, QuantConfig
+from qat.nn.config import PRETRAINED_SMOLLM2, ArchConfig, QuantConfig, name_matches
 from qat.nn.quantized import QuantizedLinear
 from qat.nn.schemes import get_scheme
 
@@ -77,8 +76,7 @@ def build_model(arch: ArchConfig, dtype: torch.dtype = torch.float32, token_ids:
 
 
 def keeps_full_precision(name: str, patterns: list[str]) -> bool:
-    last = name.rsplit(".", 1)[-1]
-    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(last, p) for p in patterns)
+    return name_matches(name, patterns)
 
 
 def quantized_linear(linear: nn.Linear, quant: QuantConfig, norm_eps: float) -> QuantizedLinear:
@@ -97,12 +95,12 @@ def linears_to_quantize(model: nn.Module, quant: QuantConfig) -> dict[str, nn.Li
                and not keeps_full_precision(name, quant.keep_full_precision)}
     if not linears:
         raise RecipeError("convert_to_qat found no nn.Linear to quantize; check model.quant.keep_full_precision")
-    if quant.granularity == "group":
-        for name, linear in linears.items():
-            if linear.in_features % quant.group_size:
-                raise RecipeError(f"model.quant.group_size={quant.group_size} does not divide "
-                                  f"in_features={linear.in_features} of {name}; choose a group size that divides "
-                                  "every quantized layer's input width, or another granularity")
+    for name, linear in linears.items():
+        layer_quant = quant.for_layer(name)
+        if layer_quant.granularity == "group" and linear.in_features % layer_quant.group_size:
+            raise RecipeError(f"model.quant.group_size={layer_quant.group_size} does not divide "
+                              f"in_features={linear.in_features} of {name}; choose a group size that divides "
+                              "every quantized layer's input width, or another granularity")
     return linears
 
 
@@ -120,7 +118,8 @@ def convert_to_qat(model: nn.Module, quant: QuantConfig) -> nn.Module:
     """
     eps = float(getattr(getattr(model, "config", None), "rms_norm_eps", 1e-5))
     for name, module in linears_to_quantize(model, quant).items():
-        model.set_submodule(name, quantized_linear(module, quant, eps))
+        model.set_submodule(name, quantized_linear(module, quant.for_layer(name), eps))
+    model.qat_quant_config = quant  # the whole setting (layer groups included) that exports record
     if quant.norm_placement == "inlayer":
         for name, module in list(model.named_modules()):
             if name.rsplit(".", 1)[-1] in PRE_BLOCK_NORMS:

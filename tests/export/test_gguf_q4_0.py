@@ -303,3 +303,24 @@ def test_llama_cpp_perplexity_matches_qat_for_a_4bit_model(llama_cpp_module, tra
     print(f"4-bit: qat ppl {qat_ppl:.3f}, llama.cpp ppl {cpp_ppl:.3f}")
     assert abs(cpp_ppl / qat_ppl - 1) < 0.01
     assert qat_ppl < 0.5 * model.config.vocab_size
+
+
+@pytest.mark.slow
+def test_llama_cpp_perplexity_matches_qat_for_mixed_layer_groups(llama_cpp_module, trained_llama, tmp_path):
+    """model.quant.layer_groups: attention at ParetoQ 4-bit, the MLP ternary (PTQ of the trained latent weights), in
+    one Q4_0 file; llama.cpp computes qat's perplexity."""
+    from qat.nn.convert import build_model, convert_to_qat
+
+    _, trained, blocks = trained_llama
+    fp = build_model(trained.arch, token_ids=trained.hparams.get("token_ids"))
+    fp.load_state_dict(trained.model.state_dict(), strict=False)          # latent weights; alphas are re-initialised
+    quant = QuantConfig(weight="paretoq_4bit", granularity="row", activation="none",
+                        layer_groups=[{"match": ["*.mlp.*"], "weight": "paretoq_ternary"}])
+    model = convert_to_qat(fp, quant).eval()
+    assert model.get_submodule("model.layers.0.mlp.up_proj").quant.weight == "paretoq_ternary"
+    assert model.get_submodule("model.layers.0.self_attn.q_proj").quant.weight == "paretoq_4bit"
+    folder = export_model(model, trained.tokenizer_files, tmp_path / "q4", "gguf-q4_0")
+    qat_ppl = qat_perplexity(model, blocks)
+    cpp_ppl = llama_cpp_perplexity(folder / GGUF_FILE, blocks)
+    print(f"mixed 4-bit attention / ternary MLP: qat ppl {qat_ppl:.3f}, llama.cpp ppl {cpp_ppl:.3f}")
+    assert abs(cpp_ppl / qat_ppl - 1) < 0.01

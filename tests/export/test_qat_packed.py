@@ -162,3 +162,28 @@ def test_hf_export_of_paretoq_names_what_to_change(tmp_path, settings, message):
         export_model(convert_to_qat(build_model(arch), QuantConfig(weight="paretoq_2bit", activation="int8_per_token",
                                                                    granularity="tensor")),
                      _tokenizer_files(tmp_path), tmp_path / "export2", "hf")
+
+
+def test_layer_groups_export_to_qat_packed_and_reload_with_identical_logits(tmp_path):
+    """Attention at 4 bits, the MLP at 2 bits (ParetoQ SEQ): each layer's codes at its own width; reloaded
+    identically; formats that store one setting for every layer refuse the model, naming the ones that do not."""
+    torch.manual_seed(0)
+    arch = ArchConfig(family="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2)
+    quant = QuantConfig(weight="paretoq_4bit", granularity="row", activation="none",
+                        layer_groups=[{"match": ["*.mlp.*"], "weight": "paretoq_2bit"}])
+    model = convert_to_qat(build_model(arch), quant).eval()
+    out = export_model(model, _tokenizer_files(tmp_path), tmp_path / "export", "qat-packed")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.up_proj.codes_2bit" in keys and "model.layers.0.self_attn.q_proj.codes_4bit" in keys
+    manifest = json.loads((out / "qat_export.json").read_text())
+    assert manifest["quant"]["layer_groups"] == quant.layer_groups
+    assert 2 < manifest["bits_per_weight"] < 4
+    reloaded = load_packed_export(out)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert reloaded.get_submodule("model.layers.1.mlp.down_proj").quant.weight == "paretoq_2bit"
+    with pytest.raises(ExportError, match="model.quant.layer_groups.*--format gguf-q4_0 or --format qat-packed"):
+        export_model(model, _tokenizer_files(tmp_path), tmp_path / "hf", "hf")

@@ -103,6 +103,61 @@ def test_group_size_must_divide_every_quantized_width_checked_before_any_replace
     assert model[0](torch.randn(2, 96)).shape == (2, 8)
 
 
+LAYER_GROUPS = [{"match": ["*.mlp.*"], "weight": "paretoq_2bit"},
+                {"match": "*.mlp.down_proj", "weight": "paretoq_ternary"},       # never reached: the first wins
+                {"match": ["o_proj"], "granularity": "group", "group_size": 32, "activation": "int8_per_token"}]
+
+
+def test_layer_groups_resolve_per_layer_first_match_wins():
+    quant = QuantConfig(weight="paretoq_4bit", granularity="row", activation="none", layer_groups=LAYER_GROUPS)
+    assert quant.layer_groups[1]["match"] == ["*.mlp.down_proj"]                  # a single pattern becomes a list
+    down = quant.for_layer("model.layers.3.mlp.down_proj")
+    assert (down.weight, down.granularity, down.layer_groups) == ("paretoq_2bit", "row", [])
+    o_proj = quant.for_layer("model.layers.0.self_attn.o_proj")
+    assert (o_proj.weight, o_proj.granularity, o_proj.group_size, o_proj.activation) == (
+        "paretoq_4bit", "group", 32, "int8_per_token")
+    q_proj = quant.for_layer("model.layers.0.self_attn.q_proj")
+    assert q_proj == dataclasses.replace(quant, layer_groups=[])
+    # a checkpoint stores asdict(config) and rebuilds it: the groups survive the round trip
+    assert QuantConfig(**dataclasses.asdict(quant)) == quant
+
+
+@pytest.mark.parametrize("groups,message", [
+    ([{"match": ["*.mlp.*"], "bits": 2}], r"unknown keys \['bits'\]"),
+    ([{"weight": "paretoq_2bit"}], "match must list module-name patterns"),
+    ([{"match": [], "weight": "paretoq_2bit"}], "match must list module-name patterns"),
+    (["*.mlp.*"], "must be a mapping"),
+    ([{"match": ["*.mlp.*"], "weight": "paretoq_9bit"}], r"layer_groups\[0\] .*unknown quantization scheme"),
+    ([{"match": ["*"], "weight": "fbi_binary"}], r"layer_groups\[0\] .*activation"),
+    ([{"match": ["*"], "group_size": 0}], r"layer_groups\[0\] .*group_size=0 must be >= 1"),
+])
+def test_bad_layer_groups_are_recipe_errors_naming_the_group(groups, message):
+    with pytest.raises(RecipeError, match=message):
+        QuantConfig(weight="paretoq_4bit", activation="int8_per_token", layer_groups=groups)
+
+
+def test_convert_gives_each_layer_its_groups_settings_and_checks_them_first():
+    from qat.nn.convert import build_model
+
+    arch = ArchConfig(family="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    quant = QuantConfig(weight="paretoq_4bit", granularity="row", activation="none", layer_groups=LAYER_GROUPS)
+    model = convert_to_qat(build_model(arch), quant)
+    layers = {name.split(".")[-1]: layer for name, layer in quantized_layers(model).items()}
+    assert {name: layer.quant.weight for name, layer in layers.items()} == {
+        "q_proj": "paretoq_4bit", "k_proj": "paretoq_4bit", "v_proj": "paretoq_4bit", "o_proj": "paretoq_4bit",
+        "gate_proj": "paretoq_2bit", "up_proj": "paretoq_2bit", "down_proj": "paretoq_2bit"}
+    assert layers["o_proj"].alpha_shape == (64, 2) and layers["q_proj"].alpha_shape == (64, 1)
+    assert layers["o_proj"].quant.activation == "int8_per_token"
+    # a group's group size that does not divide its layers is refused before any layer is replaced
+    bad = QuantConfig(weight="paretoq_4bit", granularity="row", activation="none",
+                      layer_groups=[{"match": ["down_proj"], "granularity": "group", "group_size": 64}])
+    fresh = build_model(arch)
+    with pytest.raises(RecipeError, match="group_size=64 does not divide in_features=96 of model.layers.0.mlp.down"):
+        convert_to_qat(fresh, bad)
+    assert not quantized_layers(fresh)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("--model.quant.group_size=0", "model.quant.group_size=0 must be >= 1"),
