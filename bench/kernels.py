@@ -9,10 +9,11 @@ bf16 ``F.linear``, torch w4a16 ``_weight_int4pack_mm_for_cpu`` (group 128), torc
 weight resident in cache (one weight reused) and streamed from memory (rotating over weight copies larger than
 twice the last-level cache). Prints the best of --reps calls, ratios vs fp32 / bf16 / the best torch low-bit
 path, and the packed kernels' achieved GB/s over packed bytes vs the memory read bandwidth measured here. Then
-the fp32 lm_head GEMV a packed model keeps, torch vs qat, and end-to-end greedy decode tokens/s of BitNet models
-with random weights in the llama.cpp recipe's form: packed (``pack_model``, ternary and binary; decoded by HF
-``generate`` and by qat's ``PackedDecoder``) vs the same model in HF fp32 and vs llama.cpp (llama-cpp-python)
-running qat's GGUF TQ2_0 / TQ1_0 export of the ternary model, and a breakdown of one qat decode step. Models
+the fp32 lm_head GEMV a packed model keeps (torch vs qat) and its optional Q8_0 int8 copy, and end-to-end greedy
+decode tokens/s of BitNet models with random weights in the llama.cpp recipe's form: packed (``pack_model``, ternary
+and binary; decoded by HF ``generate`` and by qat's ``PackedDecoder``, with the fp32 head and, ternary, the Q8_0
+int8 head) vs the same model in HF fp32 and vs llama.cpp (llama-cpp-python) running qat's GGUF TQ2_0 / TQ1_0 export
+of the ternary model (shapes whose widths are multiples of 256 only), and a breakdown of one qat decode step. Models
 (``E2E_MODELS``): ``700M`` and ``1.3B`` = the BitNet b1.58 shapes of the paper's FAQ (hidden 1536 / 2048, FFN
 4096 / 5460, 24 / 32 heads, 24 layers, LLaMA vocabulary 32000), ``8x2048`` = 8 layers of hidden 2048, FFN 5632,
 whose fp32 ``lm_head`` is a much larger share of the packed model's bytes, ``tiny`` = the tiny recipes' shape
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from qat.kernels.packed_linear import dense_linear, packed_linear, selected_path
+from qat.nn.packed_linear import Q8_0Linear
 from qat.pack.kernel_layout import BINARY_TILE, padded_in_features
 
 SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008)]
@@ -175,19 +177,25 @@ def kernel_table(reps: int, llc: int, read_gbps: float, shapes=SHAPES) -> None:
 
 def head_table(reps: int, read_gbps: float) -> None:
     """The fp32 head a packed model keeps (vocab x hidden), one token: torch's GEMV vs qat's (``dense_linear``)."""
-    print("\nFull-precision lm_head, one token, fp32 weights streamed from memory:")
-    print("| vocab x hidden | torch F.linear ms | qat dense_gemv ms | speed-up | torch GB/s | qat GB/s (% of BW) |")
-    print("|---|---|---|---|---|---|")
+    print("\nFull-precision lm_head, one token, weights streamed from memory: fp32 (torch's GEMV, qat's), and the int8 "
+          "head's GGML Q8_0 copy (int8 + an fp16 scale per 32 weights, qat's q8_0_linear):")
+    print("| vocab x hidden | torch F.linear ms | qat dense_gemv ms | speed-up | torch GB/s | qat GB/s (% of BW) | "
+          "qat Q8_0 ms | Q8_0 vs torch fp32 | Q8_0 GB/s (% of BW) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, k in HEAD_SHAPES:
         weights = [torch.randn(n, k) for _ in range(2)]      # each far larger than the cache
+        heads = [Q8_0Linear.from_linear(torch.nn.Linear(k, n, bias=False)) for _ in range(2)]
         x = torch.randn(1, 1, k)
         turn = iter(range(10**9))
         torch_s = best_seconds(lambda: F.linear(x, weights[next(turn) % 2]), reps)
         qat_s = best_seconds(lambda: dense_linear(x, weights[next(turn) % 2]), reps)
-        nbytes = n * k * 4
-        qat_gbps = nbytes / qat_s / 1e9
+        q8_s = best_seconds(lambda: heads[next(turn) % 2](x), reps)
+        nbytes, q8_bytes = n * k * 4, heads[0].qweight.numel() + 2 * heads[0].scale.numel()
+        qat_gbps, q8_gbps = nbytes / qat_s / 1e9, q8_bytes / q8_s / 1e9
         print(f"| {n}x{k} | {torch_s * 1e3:.2f} | {qat_s * 1e3:.2f} | {torch_s / qat_s:.2f}x | "
-              f"{nbytes / torch_s / 1e9:.1f} | {qat_gbps:.1f} ({100 * qat_gbps / read_gbps:.0f}%) |", flush=True)
+              f"{nbytes / torch_s / 1e9:.1f} | {qat_gbps:.1f} ({100 * qat_gbps / read_gbps:.0f}%) | "
+              f"{q8_s * 1e3:.2f} | {torch_s / q8_s:.1f}x | {q8_gbps:.1f} ({100 * q8_gbps / read_gbps:.0f}%) |",
+              flush=True)
 
 
 def decode_tokens_per_second(runners: dict, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> dict:
@@ -322,6 +330,7 @@ def peak_rss_gib() -> float:
 
 
 def end_to_end(name: str, new_tokens: int, threads: int) -> None:
+    from qat.errors import ExportError
     from qat.export.gguf import export_gguf
     from qat.nn.decoder import PackedDecoder
 
@@ -336,10 +345,17 @@ def end_to_end(name: str, new_tokens: int, threads: int) -> None:
             runners[f"packed {kind}, HF generate"] = hf_runner(packed)
             runners[f"packed {kind}, qat decoder"] = functools.partial(decoders[kind].generate, eos_token_id=[])
             if kind == "ternary":
+                decoders["ternary, int8 head"] = PackedDecoder(packed, int8_head=True)
+                runners["packed ternary, qat decoder, int8 head"] = functools.partial(
+                    decoders["ternary, int8 head"].generate, eos_token_id=[])
                 # qat's own GGUF exporter; llama.cpp reads the file (memory-mapped) from here on.
                 tokenizer = byte_level_tokenizer()
                 for qtype in ("tq2_0", "tq1_0"):
-                    gguf_file = export_gguf(packed, tokenizer, Path(gguf_dir) / f"model-{qtype}.gguf", qtype)
+                    try:
+                        gguf_file = export_gguf(packed, tokenizer, Path(gguf_dir) / f"model-{qtype}.gguf", qtype)
+                    except ExportError as err:        # e.g. the 1.3B shape: FFN 5460 is not whole 256-weight blocks
+                        print(f"\n[{name}] no llama.cpp {qtype.upper()} runner: {err}")
+                        continue
                     run, llm = llamacpp_runner(gguf_file, threads, n_ctx=prompt.shape[1] + new_tokens)
                     runners[f"llama.cpp {qtype.upper()}"] = run
                     llamas.append(llm)
@@ -347,9 +363,11 @@ def end_to_end(name: str, new_tokens: int, threads: int) -> None:
         params = sum(p.numel() for p in dense.parameters())
         runners = {"HF fp32": hf_runner(dense), **runners}
         tokens_per_s = decode_tokens_per_second(runners, prompt, new_tokens)
-        with torch.no_grad():
-            same = (runners["packed ternary, qat decoder"](prompt, new_tokens)
-                    == runners["llama.cpp TQ2_0"](prompt, new_tokens))[0, prompt.shape[1]:]
+        same = None
+        if "llama.cpp TQ2_0" in runners:
+            with torch.no_grad():
+                same = (runners["packed ternary, qat decoder"](prompt, new_tokens)
+                        == runners["llama.cpp TQ2_0"](prompt, new_tokens))[0, prompt.shape[1]:]
         for llm in llamas:
             llm.close()
     print(f"\nEnd-to-end greedy decode, BitNet {name} in the llama.cpp recipe's form (tied embeddings, SiLU-gated "
@@ -359,15 +377,17 @@ def end_to_end(name: str, new_tokens: int, threads: int) -> None:
     print("| model | tokens/s | vs HF fp32 |\n|---|---|---|")
     for runner_name, tps in tokens_per_s.items():
         print(f"| {runner_name} | {tps:.2f} | {tps / tokens_per_s['HF fp32']:.1f}x |")
-    llama_tps = tokens_per_s["llama.cpp TQ2_0"]
-    for runner_name in [r for r in tokens_per_s if "qat decoder" in r]:
-        print(f"{runner_name} / llama.cpp TQ2_0: {tokens_per_s[runner_name] / llama_tps:.2f}x")
-    first_differ = int(same.logical_not().nonzero()[0]) if not same.all() else len(same)
-    print(f"Greedy tokens, qat ternary decoder vs llama.cpp TQ2_0: {int(same.sum())} of {len(same)} equal, the first "
-          f"{first_differ} in a row (llama.cpp rounds scales to fp16 and activations to Q8_K blocks, so near-tied "
-          "logits of a random model can flip)")
+    if same is not None:
+        llama_tps = tokens_per_s["llama.cpp TQ2_0"]
+        for runner_name in [r for r in tokens_per_s if "qat decoder" in r]:
+            print(f"{runner_name} / llama.cpp TQ2_0: {tokens_per_s[runner_name] / llama_tps:.2f}x")
+        first_differ = int(same.logical_not().nonzero()[0]) if not same.all() else len(same)
+        print(f"Greedy tokens, qat ternary decoder vs llama.cpp TQ2_0: {int(same.sum())} of {len(same)} equal, the "
+              f"first {first_differ} in a row (llama.cpp rounds scales to fp16 and activations to Q8_K blocks, so "
+              "near-tied logits of a random model can flip)")
     print("One decode step of the qat decoder, ms (parts timed alone, best of 20):")
-    print("| model | step | packed matmuls | head (norm + fp32 lm_head) | rest |\n|---|---|---|---|---|")
+    print("| model | step | packed matmuls | head (norm + lm_head: fp32, or Q8_0 for int8 head) | rest |\n"
+          "|---|---|---|---|---|")
     for kind, decoder in decoders.items():
         parts = decode_step_breakdown(decoder)
         print(f"| {kind} | " + " | ".join(f"{parts[k]:.2f}" for k in ("step", "packed matmuls", "head", "rest"))
