@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from qat.kernels.packed_linear import dense_linear, packed_linear, selected_path
 from qat.nn.packed_linear import Q8_0Linear
-from qat.pack.kernel_layout import BINARY_TILE, padded_in_features
+from qat.pack.kernel_layout import BINARY_TILE, Q8_0_CHUNK, padded_in_features
 
 SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008)]
 HEAD_SHAPES = [(32000, 1536), (32000, 2048)]   # lm_head of the end-to-end models
@@ -175,22 +175,25 @@ def kernel_table(reps: int, llc: int, read_gbps: float, shapes=SHAPES) -> None:
                 print(f"| {k}x{n} | {batch} | {mode} | " + " | ".join(cells) + " |", flush=True)
 
 
-def head_table(reps: int, read_gbps: float) -> None:
-    """The fp32 head a packed model keeps (vocab x hidden), one token: torch's GEMV vs qat's (``dense_linear``)."""
+def head_table(reps: int, llc: int, read_gbps: float) -> None:
+    """The fp32 head a packed model keeps (vocab x hidden), one token: torch's GEMV vs qat's (``dense_linear``), and
+    the int8 head's Q8_0 copy (``Q8_0Linear``); each rotates over copies filling twice the last-level cache."""
     print("\nFull-precision lm_head, one token, weights streamed from memory: fp32 (torch's GEMV, qat's), and the int8 "
           "head's GGML Q8_0 copy (int8 + an fp16 scale per 32 weights, qat's q8_0_linear):")
     print("| vocab x hidden | torch F.linear ms | qat dense_gemv ms | speed-up | torch GB/s | qat GB/s (% of BW) | "
           "qat Q8_0 ms | Q8_0 vs torch fp32 | Q8_0 GB/s (% of BW) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n, k in HEAD_SHAPES:
-        weights = [torch.randn(n, k) for _ in range(2)]      # each far larger than the cache
-        heads = [Q8_0Linear.from_linear(torch.nn.Linear(k, n, bias=False)) for _ in range(2)]
+        nbytes = n * k * 4
+        weights = Rotation(lambda _: torch.randn(n, k), nbytes, 2 * llc, resident=False)
+        q8_padded = -(-k // Q8_0_CHUNK) * Q8_0_CHUNK
+        q8_bytes = n * q8_padded + 2 * n * q8_padded // 32              # int8 codes, an fp16 scale per 32
+        heads = Rotation(lambda _: Q8_0Linear.from_linear(torch.nn.Linear(k, n, bias=False)), q8_bytes, 2 * llc,
+                         resident=False)
         x = torch.randn(1, 1, k)
-        turn = iter(range(10**9))
-        torch_s = best_seconds(lambda: F.linear(x, weights[next(turn) % 2]), reps)
-        qat_s = best_seconds(lambda: dense_linear(x, weights[next(turn) % 2]), reps)
-        q8_s = best_seconds(lambda: heads[next(turn) % 2](x), reps)
-        nbytes, q8_bytes = n * k * 4, heads[0].qweight.numel() + 2 * heads[0].scale.numel()
+        torch_s = best_seconds(lambda: F.linear(x, weights.next()), reps)
+        qat_s = best_seconds(lambda: dense_linear(x, weights.next()), reps)
+        q8_s = best_seconds(lambda: heads.next()(x), reps)
         qat_gbps, q8_gbps = nbytes / qat_s / 1e9, q8_bytes / q8_s / 1e9
         print(f"| {n}x{k} | {torch_s * 1e3:.2f} | {qat_s * 1e3:.2f} | {torch_s / qat_s:.2f}x | "
               f"{nbytes / torch_s / 1e9:.1f} | {qat_gbps:.1f} ({100 * qat_gbps / read_gbps:.0f}%) | "
@@ -420,7 +423,7 @@ def main() -> None:
         except ValueError:
             parser.error(f"--shapes: expected KxN[,KxN...], e.g. 4096x4096, got {args.shapes!r}")
         kernel_table(args.reps, llc, read_gbps, shapes)
-        head_table(args.reps, read_gbps)
+        head_table(args.reps, llc, read_gbps)
     models = [m for m in args.e2e_models.split(",") if m]
     unknown = [m for m in models if m not in E2E_MODELS]
     if unknown:
