@@ -144,8 +144,9 @@ class PackedDecoder:
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits (1, T, vocab) of ``ids`` (1, T), which continue the cached sequence (``reset`` first)."""
+    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits (1, T, vocab) of ``ids`` (1, T), which continue the cached sequence (``reset`` first); with
+        ``last_only`` those of the last position only (1, 1, vocab), all that greedy decoding reads."""
         if self.k_cache is None:
             raise DecoderError("call reset(max_len) before forward")
         tokens = ids.shape[1]
@@ -177,7 +178,8 @@ class PackedDecoder:
             gate, up = block.gate_up(h).chunk(2, dim=-1)
             x = x + block.down_proj(block.ffn_sub_norm(block.act(gate) * up))
         self.length = end
-        return self.lm_head(self.norm(x))
+        # The head over every prompt position is a vocab-wide GEMM that greedy decoding never reads.
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None
                  ) -> torch.Tensor:
@@ -191,7 +193,7 @@ class PackedDecoder:
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
         self.reset(ids.shape[1] + max_new_tokens)
         out = [ids]
-        logits = self.forward(ids)
+        logits = self.forward(ids, last_only=True)
         for _ in range(max_new_tokens):
             token = logits[:, -1].argmax(-1, keepdim=True)
             out.append(token)

@@ -48,6 +48,18 @@ def test_greedy_tokens_equal_hf_generate(weight):
     assert torch.equal(PackedDecoder(model).generate(prompt, 10, eos_token_id=[]), want)
 
 
+def test_last_only_logits_are_the_last_position_of_the_full_logits():
+    model = packed_bitnet("absmean_ternary")
+    ids = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(5))
+    decoder = PackedDecoder(model)
+    decoder.reset(8)
+    full = decoder.forward(ids)
+    decoder.reset(8)
+    last = decoder.forward(ids, last_only=True)
+    assert last.shape == (1, 1, 97) and decoder.length == 7
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)
+
+
 def test_generate_stops_after_an_eos_token():
     model = packed_bitnet("absmean_ternary")
     prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(3))
