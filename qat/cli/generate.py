@@ -17,7 +17,8 @@ def generate(model: str, prompt: str, max_new_tokens: int = 32, packed: bool = T
         packed: run the quantized layers on qat's packed kernels (False: the layers as loaded).
         threads: torch CPU threads (0: torch's default).
         int8_head: compute the logits with a GGML Q8_0 (int8, one scale per 32 weights) copy of the full-precision
-            lm_head: a quarter of its bytes per token, perplexity within ~0.1% (qat's packed decoder only).
+            lm_head: a quarter of its bytes per token, held-out perplexity +0.003% on the tiny llama.cpp recipe
+            (bench/int8_head_perplexity.py); qat's packed decoder only.
     """
     from pathlib import Path
 
