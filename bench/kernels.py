@@ -9,9 +9,11 @@ bf16 ``F.linear``, torch w4a16 ``_weight_int4pack_mm_for_cpu`` (group 128), torc
 weight resident in cache (one weight reused) and streamed from memory (rotating over weight copies larger than
 twice the last-level cache). Prints the best of --reps calls, ratios vs fp32 / bf16 / the best torch low-bit
 path, and the packed kernels' achieved GB/s over packed bytes vs the memory read bandwidth measured here. Then
-the fp32 lm_head GEMV a packed model keeps, torch vs qat, and end-to-end greedy decode tokens/s of BitNet models
-with random weights: packed (``pack_model``, ternary and binary; decoded by HF ``generate`` and by qat's
-``PackedDecoder``) vs the same model in HF fp32, and a breakdown of one qat decode step. Models
+the fp32 lm_head GEMV a packed model keeps (torch vs qat) and its optional Q8_0 int8 copy, and end-to-end greedy
+decode tokens/s of BitNet models with random weights in the llama.cpp recipe's form: packed (``pack_model``, ternary
+and binary; decoded by HF ``generate`` and by qat's ``PackedDecoder``, with the fp32 head and, ternary, the Q8_0
+int8 head) vs the same model in HF fp32 and vs llama.cpp (llama-cpp-python) running qat's GGUF TQ2_0 / TQ1_0 export
+of the ternary model (shapes whose widths are multiples of 256 only), and a breakdown of one qat decode step. Models
 (``E2E_MODELS``): ``700M`` and ``1.3B`` = the BitNet b1.58 shapes of the paper's FAQ (hidden 1536 / 2048, FFN
 4096 / 5460, 24 / 32 heads, 24 layers, LLaMA vocabulary 32000), ``8x2048`` = 8 layers of hidden 2048, FFN 5632,
 whose fp32 ``lm_head`` is a much larger share of the packed model's bytes, ``tiny`` = the tiny recipes' shape
@@ -19,17 +21,21 @@ whose fp32 ``lm_head`` is a much larger share of the packed model's bytes, ``tin
 """
 
 import argparse
-import copy
 import functools
+import gc
 import re
+import resource
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from qat.kernels.packed_linear import dense_linear, packed_linear, selected_path
-from qat.pack.kernel_layout import BINARY_TILE, padded_in_features
+from qat.nn.packed_linear import Q8_0Linear
+from qat.pack.kernel_layout import BINARY_TILE, Q8_0_CHUNK, padded_in_features
 
 SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008)]
 HEAD_SHAPES = [(32000, 1536), (32000, 2048)]   # lm_head of the end-to-end models
@@ -169,21 +175,30 @@ def kernel_table(reps: int, llc: int, read_gbps: float, shapes=SHAPES) -> None:
                 print(f"| {k}x{n} | {batch} | {mode} | " + " | ".join(cells) + " |", flush=True)
 
 
-def head_table(reps: int, read_gbps: float) -> None:
-    """The fp32 head a packed model keeps (vocab x hidden), one token: torch's GEMV vs qat's (``dense_linear``)."""
-    print("\nFull-precision lm_head, one token, fp32 weights streamed from memory:")
-    print("| vocab x hidden | torch F.linear ms | qat dense_gemv ms | speed-up | torch GB/s | qat GB/s (% of BW) |")
-    print("|---|---|---|---|---|---|")
+def head_table(reps: int, llc: int, read_gbps: float) -> None:
+    """The fp32 head a packed model keeps (vocab x hidden), one token: torch's GEMV vs qat's (``dense_linear``), and
+    the int8 head's Q8_0 copy (``Q8_0Linear``); each rotates over copies filling twice the last-level cache."""
+    print("\nFull-precision lm_head, one token, weights streamed from memory: fp32 (torch's GEMV, qat's), and the int8 "
+          "head's GGML Q8_0 copy (int8 + an fp16 scale per 32 weights, qat's q8_0_linear):")
+    print("| vocab x hidden | torch F.linear ms | qat dense_gemv ms | speed-up | torch GB/s | qat GB/s (% of BW) | "
+          "qat Q8_0 ms | Q8_0 vs torch fp32 | Q8_0 GB/s (% of BW) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, k in HEAD_SHAPES:
-        weights = [torch.randn(n, k) for _ in range(2)]      # each far larger than the cache
-        x = torch.randn(1, 1, k)
-        turn = iter(range(10**9))
-        torch_s = best_seconds(lambda: F.linear(x, weights[next(turn) % 2]), reps)
-        qat_s = best_seconds(lambda: dense_linear(x, weights[next(turn) % 2]), reps)
         nbytes = n * k * 4
-        qat_gbps = nbytes / qat_s / 1e9
+        weights = Rotation(lambda _: torch.randn(n, k), nbytes, 2 * llc, resident=False)
+        q8_padded = -(-k // Q8_0_CHUNK) * Q8_0_CHUNK
+        q8_bytes = n * q8_padded + 2 * n * q8_padded // 32              # int8 codes, an fp16 scale per 32
+        heads = Rotation(lambda _: Q8_0Linear.from_linear(torch.nn.Linear(k, n, bias=False)), q8_bytes, 2 * llc,
+                         resident=False)
+        x = torch.randn(1, 1, k)
+        torch_s = best_seconds(lambda: F.linear(x, weights.next()), reps)
+        qat_s = best_seconds(lambda: dense_linear(x, weights.next()), reps)
+        q8_s = best_seconds(lambda: heads.next()(x), reps)
+        qat_gbps, q8_gbps = nbytes / qat_s / 1e9, q8_bytes / q8_s / 1e9
         print(f"| {n}x{k} | {torch_s * 1e3:.2f} | {qat_s * 1e3:.2f} | {torch_s / qat_s:.2f}x | "
-              f"{nbytes / torch_s / 1e9:.1f} | {qat_gbps:.1f} ({100 * qat_gbps / read_gbps:.0f}%) |", flush=True)
+              f"{nbytes / torch_s / 1e9:.1f} | {qat_gbps:.1f} ({100 * qat_gbps / read_gbps:.0f}%) | "
+              f"{q8_s * 1e3:.2f} | {torch_s / q8_s:.1f}x | {q8_gbps:.1f} ({100 * q8_gbps / read_gbps:.0f}%) |",
+              flush=True)
 
 
 def decode_tokens_per_second(runners: dict, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> dict:
@@ -234,39 +249,153 @@ def decode_step_breakdown(decoder, reps: int = 20) -> dict:
             "rest": (total - matmuls - head) * 1e3}
 
 
-def end_to_end(name: str, new_tokens: int) -> None:
+LLAMACPP_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bitnet-b158-tiny-llamacpp.yaml"
+
+
+def random_bitnet(name: str, weight: str | None = None) -> torch.nn.Module:
+    """The ``E2E_MODELS`` shape ``name`` with every other setting of the llama.cpp recipe (tied embeddings, SiLU-gated
+    FFN, SubLN: the function llama.cpp's ``bitnet`` graph computes), random weights from seed 0; with ``weight``
+    (a weight quantizer name) QAT-converted and packed. Every call builds the same weights, so the dense model and
+    each packed one are built one at a time instead of deep-copied from one another (peak memory: one fp32 model)."""
+    import yaml
+
     from qat.nn.config import ArchConfig, QuantConfig
     from qat.nn.convert import build_model, convert_to_qat
-    from qat.nn.decoder import PackedDecoder
     from qat.nn.packed_linear import pack_model
 
+    recipe = yaml.safe_load(LLAMACPP_RECIPE.read_text())["model"]
     layers, hidden, intermediate, heads, vocab = E2E_MODELS[name]
+    arch = ArchConfig(**{**recipe["arch"], "vocab_size": vocab, "hidden_size": hidden,
+                         "intermediate_size": intermediate, "num_hidden_layers": layers,
+                         "num_attention_heads": heads, "num_key_value_heads": heads})
     torch.manual_seed(0)
-    arch = ArchConfig(family="bitnet", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads)
-    dense = build_model(arch).eval()
-    params = sum(p.numel() for p in dense.parameters())
-    runners = {"HF fp32": hf_runner(dense)}
-    decoders = {}
-    for kind, weight in (("ternary", "absmean_ternary"), ("binary", "absmean_binary")):
-        packed = pack_model(convert_to_qat(copy.deepcopy(dense), QuantConfig(weight=weight)), inplace=True)
-        decoders[kind] = PackedDecoder(packed)
-        runners[f"packed {kind}, HF generate"] = hf_runner(packed)
-        runners[f"packed {kind}, qat decoder"] = functools.partial(decoders[kind].generate, eos_token_id=[])
+    model = build_model(arch).eval()
+    if weight is None:
+        return model
+    model = convert_to_qat(model, QuantConfig(**{**recipe["quant"], "weight": weight}))
+    return pack_model(model, inplace=True)
+
+
+def byte_level_tokenizer():
+    """A small byte-level BPE tokenizer: the GGUF export needs a vocabulary to write (rows past it are written as
+    unused tokens); the bench feeds token ids, so what it holds does not matter."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=280,
+                            special_tokens=["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+
+
+def llamacpp_runner(gguf_file: Path, threads: int, n_ctx: int):
+    """(runner, Llama) over ``gguf_file``: greedy decode by the argmax of the last logits after each ``eval``, as the
+    qat decoder does, so exactly ``n`` tokens come out (no sampler chain, no stop at EOS)."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                          logits_all=False, verbose=False)
+    vocab = llm.n_vocab()
+
+    def run(prompt: torch.Tensor, n: int) -> torch.Tensor:
+        llm.reset()
+        llm.eval(prompt[0].tolist())
+        new = []
+        for i in range(n):
+            # With logits_all=False llama-cpp-python keeps no scores; the context holds the last token's logits.
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))
+            new.append(int(logits.argmax()))
+            if i + 1 < n:
+                llm.eval(new[-1:])
+        return torch.cat([prompt, torch.tensor([new], dtype=prompt.dtype)], dim=1)
+
+    return run, llm
+
+
+def cpu_description() -> str:
+    """The CPU model name and the SIMD flags the kernel paths choose between, from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU unknown (no /proc/cpuinfo)"
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+              "amx_tile", "amx_int8", "amx_bf16")
+    present = set(flags.group(1).split()) if flags else set()
+    return (f"CPU {model.group(1).strip() if model else 'unknown'}, "
+            f"flags {' '.join(f for f in wanted if f in present) or 'none of ' + ' '.join(wanted)}")
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def end_to_end(name: str, new_tokens: int, threads: int) -> None:
+    from qat.errors import ExportError
+    from qat.export.gguf import export_gguf
+    from qat.nn.decoder import PackedDecoder
+
+    layers, hidden, intermediate, heads, vocab = E2E_MODELS[name]
     prompt = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
-    tokens_per_s = decode_tokens_per_second(runners, prompt, new_tokens)
-    print(f"\nEnd-to-end greedy decode, BitNet {name}: {layers} layers, hidden {hidden}, intermediate "
-          f"{intermediate}, {heads} heads, vocab {vocab} ({params / 1e6:.0f}M params), {new_tokens} new tokens after "
-          "a 16-token prompt, best of 3 runs taken in turns:")
+    runners, decoders, llamas = {}, {}, []
+    with tempfile.TemporaryDirectory(prefix="qat-e2e-") as gguf_dir:
+        for kind, weight in (("ternary", "absmean_ternary"), ("binary", "absmean_binary")):
+            packed = random_bitnet(name, weight)
+            gc.collect()                              # the fp32 weights the packed layers replaced
+            decoders[kind] = PackedDecoder(packed)
+            runners[f"packed {kind}, HF generate"] = hf_runner(packed)
+            runners[f"packed {kind}, qat decoder"] = functools.partial(decoders[kind].generate, eos_token_id=[])
+            if kind == "ternary":
+                decoders["ternary, int8 head"] = PackedDecoder(packed, int8_head=True)
+                runners["packed ternary, qat decoder, int8 head"] = functools.partial(
+                    decoders["ternary, int8 head"].generate, eos_token_id=[])
+                # qat's own GGUF exporter; llama.cpp reads the file (memory-mapped) from here on.
+                tokenizer = byte_level_tokenizer()
+                for qtype in ("tq2_0", "tq1_0"):
+                    try:
+                        gguf_file = export_gguf(packed, tokenizer, Path(gguf_dir) / f"model-{qtype}.gguf", qtype)
+                    except ExportError as err:        # e.g. the 1.3B shape: FFN 5460 is not whole 256-weight blocks
+                        print(f"\n[{name}] no llama.cpp {qtype.upper()} runner: {err}")
+                        continue
+                    run, llm = llamacpp_runner(gguf_file, threads, n_ctx=prompt.shape[1] + new_tokens)
+                    runners[f"llama.cpp {qtype.upper()}"] = run
+                    llamas.append(llm)
+        dense = random_bitnet(name)
+        params = sum(p.numel() for p in dense.parameters())
+        runners = {"HF fp32": hf_runner(dense), **runners}
+        tokens_per_s = decode_tokens_per_second(runners, prompt, new_tokens)
+        same = None
+        if "llama.cpp TQ2_0" in runners:
+            with torch.no_grad():
+                same = (runners["packed ternary, qat decoder"](prompt, new_tokens)
+                        == runners["llama.cpp TQ2_0"](prompt, new_tokens))[0, prompt.shape[1]:]
+        for llm in llamas:
+            llm.close()
+    print(f"\nEnd-to-end greedy decode, BitNet {name} in the llama.cpp recipe's form (tied embeddings, SiLU-gated "
+          f"FFN): {layers} layers, hidden {hidden}, intermediate {intermediate}, {heads} heads, vocab {vocab} "
+          f"({params / 1e6:.0f}M params), random weights, {new_tokens} new tokens after a 16-token prompt, best of 3 "
+          f"runs taken in turns, {threads} threads (llama.cpp: qat's GGUF export of the ternary model):")
     print("| model | tokens/s | vs HF fp32 |\n|---|---|---|")
     for runner_name, tps in tokens_per_s.items():
         print(f"| {runner_name} | {tps:.2f} | {tps / tokens_per_s['HF fp32']:.1f}x |")
+    if same is not None:
+        llama_tps = tokens_per_s["llama.cpp TQ2_0"]
+        for runner_name in [r for r in tokens_per_s if "qat decoder" in r]:
+            print(f"{runner_name} / llama.cpp TQ2_0: {tokens_per_s[runner_name] / llama_tps:.2f}x")
+        first_differ = int(same.logical_not().nonzero()[0]) if not same.all() else len(same)
+        print(f"Greedy tokens, qat ternary decoder vs llama.cpp TQ2_0: {int(same.sum())} of {len(same)} equal, the "
+              f"first {first_differ} in a row (llama.cpp rounds scales to fp16 and activations to Q8_K blocks, so "
+              "near-tied logits of a random model can flip)")
     print("One decode step of the qat decoder, ms (parts timed alone, best of 20):")
-    print("| model | step | packed matmuls | head (norm + fp32 lm_head) | rest |\n|---|---|---|---|---|")
+    print("| model | step | packed matmuls | head (norm + lm_head: fp32, or Q8_0 for int8 head) | rest |\n"
+          "|---|---|---|---|---|")
     for kind, decoder in decoders.items():
         parts = decode_step_breakdown(decoder)
         print(f"| {kind} | " + " | ".join(f"{parts[k]:.2f}" for k in ("step", "packed matmuls", "head", "rest"))
               + " |", flush=True)
+    print(f"Peak resident memory of this process so far: {peak_rss_gib():.1f} GiB")
 
 
 def main() -> None:
@@ -284,6 +413,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     llc = last_level_cache_bytes()
     read_gbps = memory_read_gbps(max(4 * llc, 1 << 30), args.reps)
+    print(cpu_description())
     print(f"torch {torch.__version__}, {args.threads} threads, kernel path {selected_path()}, last-level cache "
           f"{llc / 2**20:.0f} MiB, streamed sets rotate over >= {2 * llc / 2**20:.0f} MiB, "
           f"memory read bandwidth {read_gbps:.1f} GB/s")
@@ -293,14 +423,14 @@ def main() -> None:
         except ValueError:
             parser.error(f"--shapes: expected KxN[,KxN...], e.g. 4096x4096, got {args.shapes!r}")
         kernel_table(args.reps, llc, read_gbps, shapes)
-        head_table(args.reps, read_gbps)
+        head_table(args.reps, llc, read_gbps)
     models = [m for m in args.e2e_models.split(",") if m]
     unknown = [m for m in models if m not in E2E_MODELS]
     if unknown:
         parser.error(f"--e2e-models: unknown {unknown}; choose from {', '.join(E2E_MODELS)}")
     if not args.skip_e2e:
         for name in models:
-            end_to_end(name, args.e2e_tokens)
+            end_to_end(name, args.e2e_tokens, args.threads)
 
 
 if __name__ == "__main__":

@@ -931,6 +931,209 @@ at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight, const std::
   return y;
 }
 
+// ---------------------------------------------------------------- Q8_0 int8 head
+// The optional int8 lm_head of the packed decoder (qat/nn/packed_linear.py Q8_0Linear): GGML Q8_0 weights (int8
+// codes, one fp16 scale per block of 32 inputs; 1.06 bytes per weight against fp32's 4) times activations quantized
+// the same way per token and block (qat/quant/q8_0.py), as llama.cpp's Q8_0 x Q8_0 dot products:
+// y = sum_blocks (x_codes . w_codes) * d_w * d_x. torch has no op for per-block scales (its int8 ops take one scale
+// per row or tensor), hence this kernel. Weights are in the interleaved chunk layout of qat/pack/kernel_layout.py:
+// one 64-byte load holds 4 values of each of 16 blocks, so 32-bit lane j of a vpdpbusd accumulator is block j's dot.
+// vpdpbusd multiplies unsigned by signed bytes: |x| is the unsigned side and x's sign moves onto the weight codes
+// (codes are in [-127, 127], so negating never overflows). Integer dots are exact; each block's dot is scaled in
+// fp32 and summed in fp32 (lane order differs between paths, ~1e-7 relative).
+constexpr int64_t kQ8Block = 32;
+constexpr int64_t kQ8ChunkBlocks = 16;
+constexpr int64_t kQ8Chunk = kQ8Block * kQ8ChunkBlocks;
+
+struct Q8Activations {
+  int64_t padded_k = 0;
+  std::vector<int8_t> codes;    // (tokens, padded_k) in the interleaved chunk layout, zero-padded
+  std::vector<uint8_t> abs;     // |codes|
+  std::vector<uint64_t> neg;    // (tokens, padded_k / 64): bit b of word g set where codes[64 g + b] < 0
+  std::vector<float> d;         // (tokens, padded_k / 32) block scales, 0 in the padding
+
+  const int8_t* token_codes(int64_t t) const { return codes.data() + t * padded_k; }
+  const uint8_t* token_abs(int64_t t) const { return abs.data() + t * padded_k; }
+  const uint64_t* token_neg(int64_t t) const { return neg.data() + t * (padded_k / 64); }
+  const float* token_d(int64_t t) const { return d.data() + t * (padded_k / kQ8Block); }
+};
+
+// Position of input element e in the interleaved chunk layout (inverse of qat/pack/kernel_layout.py unpack_q8_0).
+inline int64_t q8_position(int64_t e) {
+  const int64_t chunk = e / kQ8Chunk, block = (e % kQ8Chunk) / kQ8Block, v = e % kQ8Block;
+  return chunk * kQ8Chunk + 4 * (kQ8ChunkBlocks * (v / 4) + block) + v % 4;
+}
+
+template <typename scalar_t>
+void quantize_q8_tokens(const scalar_t* x, int64_t tokens, int64_t k, int64_t padded_k, Q8Activations& a) {
+  const int64_t blocks = padded_k / kQ8Block;
+  a.padded_k = padded_k;
+  a.codes.assign(tokens * padded_k, 0);
+  a.abs.assign(tokens * padded_k, 0);
+  a.neg.assign(tokens * (padded_k / 64), 0);
+  a.d.assign(tokens * blocks, 0.f);
+  at::parallel_for(0, tokens, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const scalar_t* row = x + t * k;
+      int8_t* codes = a.codes.data() + t * padded_k;
+      for (int64_t b = 0; b * kQ8Block < k; ++b) {
+        const int64_t e0 = b * kQ8Block, e1 = std::min(k, e0 + kQ8Block);
+        float amax = 0.f;
+        for (int64_t e = e0; e < e1; ++e) amax = std::max(amax, std::fabs(static_cast<float>(row[e])));
+        // The fp32 operations of quantize_q8_0: d = amax / 127, codes = round-half-even(x * (1 / d)).
+        const float d = amax / 127.f;
+        const float inverse = d > 0.f ? 1.f / d : 0.f;
+        for (int64_t e = e0; e < e1; ++e) {
+          float c = (static_cast<float>(row[e]) * inverse + 12582912.0f) - 12582912.0f;   // see quantize_tokens
+          codes[q8_position(e)] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, c)));
+        }
+        a.d[t * blocks + b] = d;
+      }
+      uint8_t* abs = a.abs.data() + t * padded_k;
+      uint64_t* neg = a.neg.data() + t * (padded_k / 64);
+      for (int64_t i = 0; i < padded_k; ++i) {
+        abs[i] = static_cast<uint8_t>(std::abs(static_cast<int>(codes[i])));
+        if (codes[i] < 0) neg[i / 64] |= uint64_t{1} << (i % 64);
+      }
+    }
+  });
+}
+
+// Rows [n0, n1) x every token: the row (padded_k bytes) stays in L1 while the tokens pass over it.
+void q8_rows_portable(const int8_t* w, const at::Half* w_d, const Q8Activations& a, int64_t tokens, int64_t rows,
+                      int64_t n0, int64_t n1, float* y) {
+  const int64_t padded_k = a.padded_k, blocks = padded_k / kQ8Block;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wrow = w + n * padded_k;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int8_t* x = a.token_codes(t);
+      const float* xd = a.token_d(t);
+      float lanes[kQ8ChunkBlocks] = {};
+      for (int64_t c = 0; c < padded_k / kQ8Chunk; ++c)
+        for (int64_t j = 0; j < kQ8ChunkBlocks; ++j) {
+          int32_t dot = 0;
+          for (int64_t i = 0; i < 8; ++i)
+            for (int64_t b = 0; b < 4; ++b) {
+              const int64_t pos = c * kQ8Chunk + 4 * (kQ8ChunkBlocks * i + j) + b;
+              dot += static_cast<int32_t>(wrow[pos]) * static_cast<int32_t>(x[pos]);
+            }
+          const int64_t block = c * kQ8ChunkBlocks + j;
+          lanes[j] += static_cast<float>(dot) * (static_cast<float>(w_d[n * blocks + block]) * xd[block]);
+        }
+      float sum = 0.f;
+      for (float v : lanes) sum += v;
+      y[t * rows + n] = sum;
+    }
+  }
+}
+
+#ifdef QAT_X86
+__attribute__((target("avx2,fma,f16c"))) void q8_rows_avx2(const int8_t* w, const at::Half* w_d,
+                                                           const Q8Activations& a, int64_t tokens, int64_t rows,
+                                                           int64_t n0, int64_t n1, float* y) {
+  const int64_t padded_k = a.padded_k, blocks = padded_k / kQ8Block;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wrow = w + n * padded_k;
+    const uint16_t* drow = reinterpret_cast<const uint16_t*>(w_d) + n * blocks;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int8_t* x = a.token_codes(t);
+      const uint8_t* xabs = a.token_abs(t);
+      const float* xd = a.token_d(t);
+      __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t c = 0; c < padded_k / kQ8Chunk; ++c) {
+        __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};   // blocks 0-7, 8-15 of the chunk
+        for (int64_t i = 0; i < 8; ++i)
+          for (int h = 0; h < 2; ++h) {
+            const int64_t pos = c * kQ8Chunk + 64 * i + 32 * h;
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + pos));
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + pos));
+            const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xabs + pos));
+            // |x| * (w with x's sign): pairs sum to at most 2 * 127 * 127 < 2^15, so vpmaddubsw never saturates.
+            const __m256i pairs = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(wv, xv));
+            dot[h] = _mm256_add_epi32(dot[h], _mm256_madd_epi16(pairs, ones));
+          }
+        for (int h = 0; h < 2; ++h) {
+          const int64_t block = c * kQ8ChunkBlocks + 8 * h;
+          const __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(drow + block)));
+          const __m256 scale = _mm256_mul_ps(wd, _mm256_loadu_ps(xd + block));
+          acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h]), scale, acc[h]);
+        }
+      }
+      y[t * rows + n] = hsum_ps_avx2(_mm256_add_ps(acc[0], acc[1]));
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void q8_rows_avx512(const int8_t* w, const at::Half* w_d,
+                                                                           const Q8Activations& a, int64_t tokens,
+                                                                           int64_t rows, int64_t n0, int64_t n1,
+                                                                           float* y) {
+  const int64_t padded_k = a.padded_k, blocks = padded_k / kQ8Block;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wrow = w + n * padded_k;
+    const uint16_t* drow = reinterpret_cast<const uint16_t*>(w_d) + n * blocks;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const uint8_t* xabs = a.token_abs(t);
+      const uint64_t* neg = a.token_neg(t);
+      const float* xd = a.token_d(t);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < padded_k / kQ8Chunk; ++c) {
+        __m512i dot = _mm512_setzero_si512();                  // lane j: block j of the chunk
+        for (int64_t i = 0; i < 8; ++i) {
+          const int64_t pos = c * kQ8Chunk + 64 * i;
+          __m512i wv = _mm512_loadu_si512(wrow + pos);
+          wv = _mm512_mask_sub_epi8(wv, static_cast<__mmask64>(neg[pos / 64]), zero, wv);
+          dot = _mm512_dpbusd_epi32(dot, _mm512_loadu_si512(xabs + pos), wv);
+        }
+        const int64_t block = c * kQ8ChunkBlocks;
+        const __m512 wd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(drow + block)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd, _mm512_loadu_ps(xd + block)), acc);
+      }
+      y[t * rows + n] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+#endif  // QAT_X86
+
+// x (..., in_features) float -> (..., rows) float32; qweight int8 (rows, padded_k) in the interleaved chunk layout,
+// scale fp16 (rows, padded_k / 32).
+at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, int64_t in_features,
+                       const std::string& path) {
+  TORCH_CHECK(cpu_has(path), "q8_0_linear: this CPU cannot run the '", path, "' path");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.is_contiguous() &&
+                  qweight.size(1) % kQ8Chunk == 0 && in_features <= qweight.size(1),
+              "q8_0_linear: qweight must be contiguous int8 (out_features, in_features padded to ", kQ8Chunk,
+              "), got ", qweight.sizes());
+  const int64_t rows = qweight.size(0), padded_k = qweight.size(1);
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.dim() == 2 &&
+                  scale.size(0) == rows && scale.size(1) == padded_k / kQ8Block,
+              "q8_0_linear: scale must be contiguous float16 (out_features, padded in_features / 32), got ",
+              scale.sizes());
+  TORCH_CHECK(x.size(-1) == in_features, "q8_0_linear: input has ", x.size(-1), " features, expected ", in_features);
+  const at::Tensor xc = x.contiguous();
+  const int64_t tokens = xc.numel() / in_features;
+  Q8Activations act;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "q8_0_linear", [&] {
+    quantize_q8_tokens(xc.data_ptr<scalar_t>(), tokens, in_features, padded_k, act);
+  });
+  at::Tensor out = at::empty({tokens, rows}, xc.options().dtype(at::kFloat));
+  const int8_t* w = qweight.data_ptr<int8_t>();
+  const at::Half* w_d = scale.data_ptr<at::Half>();
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t n0, int64_t n1) {
+#ifdef QAT_X86
+    if (path == "avx512_vnni") return q8_rows_avx512(w, w_d, act, tokens, rows, n0, n1, y);
+    if (path == "avx2") return q8_rows_avx2(w, w_d, act, tokens, rows, n0, n1, y);
+#endif
+    q8_rows_portable(w, w_d, act, tokens, rows, n0, n1, y);
+  });
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = rows;
+  return out.view(sizes).to(x.scalar_type());
+}
+
 bool cpu_supports(const std::string& path) { return cpu_has(path); }
 
 }  // namespace
@@ -941,6 +1144,7 @@ TORCH_LIBRARY(qat_kernels, m) {
   m.def("packed_linear(Tensor x, Tensor packed, Tensor scale, int bits, int in_features, int group_size, "
         "str path) -> Tensor");
   m.def("dense_gemv(Tensor x, Tensor weight, str path) -> Tensor");
+  m.def("q8_0_linear(Tensor x, Tensor qweight, Tensor scale, int in_features, str path) -> Tensor");
   m.def("cpu_supports(str path) -> bool", &cpu_supports);
 }
 
@@ -948,4 +1152,5 @@ TORCH_LIBRARY_IMPL(qat_kernels, CPU, m) {
   m.impl("packed_linear_out", &packed_linear_out);
   m.impl("packed_linear", &packed_linear);
   m.impl("dense_gemv", &dense_gemv);
+  m.impl("q8_0_linear", &q8_0_linear);
 }

@@ -1,11 +1,12 @@
 """Build (first use) and load the C++ packed-kernel extension from ``kernels/cpu/`` (see :mod:`qat.resources`).
 
-Built with ``torch.utils.cpp_extension.load`` (ninja) into ``qat.paths.cache_dir('torch_extensions')``; later
-loads reuse the build (ninja rebuilds only when the source changes). The extension registers its ops with
+Built with ``torch.utils.cpp_extension.load`` (ninja) into ``qat.paths.cache_dir('torch_extensions')``, one folder
+per source version; later loads reuse the build. The extension registers its ops with
 ``TORCH_LIBRARY(qat_kernels, ...)``; they are called as ``torch.ops.qat_kernels.*``.
 """
 
 import functools
+import hashlib
 import sys
 import time
 
@@ -30,7 +31,10 @@ def load_cpu_extension() -> None:
     if not CPU_SOURCE.exists():
         raise KernelBuildError(f"kernel source {CPU_SOURCE} is missing; reinstall qat (`pip install .` from a full "
                                "source checkout) or set QAT_KERNEL_PATH=torch")
-    build_dir = cache_dir("torch_extensions", EXTENSION_NAME)
+    # One build folder per source version: checkouts that share a cache (git worktrees, a job still running an
+    # older checkout) then keep their own builds instead of rebuilding, and replacing the loaded .so under, each other.
+    source_digest = hashlib.sha256(CPU_SOURCE.read_bytes()).hexdigest()[:12]
+    build_dir = cache_dir("torch_extensions", f"{EXTENSION_NAME}-{source_digest}")
     fresh = not any(build_dir.glob("*.so"))
     if fresh:
         print(f"[qat] building the packed CPU kernels into {build_dir} (first use, ~30 s) ...", file=sys.stderr,

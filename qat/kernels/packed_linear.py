@@ -16,8 +16,16 @@ import torch.nn.functional as F
 
 from qat.errors import QATError
 from qat.kernels.extension import KernelBuildError, load_cpu_extension
-from qat.pack.kernel_layout import BINARY_BITS, TERNARY_BITS, unpack_binary_1bit, unpack_ternary_2bit, values_per_block
+from qat.pack.kernel_layout import (
+    BINARY_BITS,
+    TERNARY_BITS,
+    unpack_binary_1bit,
+    unpack_q8_0,
+    unpack_ternary_2bit,
+    values_per_block,
+)
 from qat.quant.activation import absmax_int8_per_token
+from qat.quant.q8_0 import Q8_0_BLOCK, quantize_q8_0
 
 CPU_PATHS = ("avx512_vnni", "avx2", "portable", "torch")
 NATIVE_PATHS = CPU_PATHS[:-1]
@@ -45,6 +53,10 @@ def _native_ops():
     @torch.library.register_fake("qat_kernels::dense_gemv")
     def _(x, weight, path):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("qat_kernels::q8_0_linear")
+    def _(x, qweight, scale, in_features, path):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     return ops
 
@@ -137,3 +149,31 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             y = _native_ops().dense_gemv(x, weight, path)
             return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+def q8_0_linear_torch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Pure-torch Q8_0 x Q8_0: activations quantized per token and block of 32 (``quantize_q8_0``), per-block integer
+    dots (exact in fp32: 32 products of at most 127^2), each scaled by ``d_w * d_x`` and summed in fp32."""
+    rows, padded = qweight.shape
+    x_codes, x_d = quantize_q8_0(x.reshape(-1, in_features))
+    x_codes = F.pad(x_codes, (0, padded - x_codes.shape[-1]))
+    x_d = F.pad(x_d, (0, padded // Q8_0_BLOCK - x_d.shape[-1]))
+    blocks = padded // Q8_0_BLOCK
+    w_blocks = unpack_q8_0(qweight, padded).float().reshape(rows, blocks, Q8_0_BLOCK).permute(1, 2, 0)
+    x_blocks = x_codes.float().reshape(-1, blocks, Q8_0_BLOCK).transpose(0, 1)
+    dots = torch.bmm(x_blocks, w_blocks)                                        # (blocks, tokens, rows)
+    y = (dots * (scale.float().t().unsqueeze(1) * x_d.t().unsqueeze(-1))).sum(0)
+    return y.to(x.dtype).reshape(*x.shape[:-1], rows)
+
+
+def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``x`` (..., in_features) float times GGML Q8_0 weights -> (..., out_features) in ``x.dtype``; activations
+    quantized to Q8_0 per token and block of 32 (:mod:`qat.quant.q8_0`), as llama.cpp does for Q8_0 weights.
+
+    ``qweight`` int8 (out_features, padded_in) and ``scale`` fp16 (out_features, padded_in / 32) are
+    :func:`qat.pack.kernel_layout.pack_q8_0`'s output. The C++ paths stream the int8 codes once for all tokens;
+    CUDA tensors and ``QAT_KERNEL_PATH=torch`` take the pure-torch fallback.
+    """
+    if x.device.type != "cpu" or selected_path() == "torch":
+        return q8_0_linear_torch(x, qweight, scale, in_features)
+    return _native_ops().q8_0_linear(x, qweight, scale, in_features, selected_path())

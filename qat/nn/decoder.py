@@ -6,11 +6,14 @@ modules and buffers: a static KV cache preallocated for the whole sequence, q/k/
 matmul each (one pass over the packed weights, one int8 quantization of the shared input, which the separate layers
 would each repeat with identical results), RoPE from the model's ``inv_freq``, and ``scaled_dot_product_attention``.
 Logits equal the packed HF model's up to fp32 summation order in attention (``tests/nn/test_decoder.py``).
+With ``int8_head=True`` the full-precision lm_head runs on a GGML Q8_0 copy of its weight (``Q8_0Linear``): a
+quarter of the bytes a decode step streams for it, at a small perplexity cost (``bench/int8_head_perplexity.py``).
 
 Example usage::
 
     model = pack_model(hf_bitnet_model)
     ids = PackedDecoder(model).generate(prompt_ids, max_new_tokens=32)
+    ids = PackedDecoder(model, int8_head=True).generate(prompt_ids, max_new_tokens=32)
 """
 
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.errors import QATError
-from qat.nn.packed_linear import PACKERS, PackedLinear
+from qat.nn.packed_linear import PACKERS, PackedLinear, Q8_0Linear
 
 
 class DecoderError(QATError, ValueError):
@@ -81,11 +84,15 @@ class _Block:
 class PackedDecoder:
     """Greedy decoder over a packed ``BitNetForCausalLM`` (``pack_model`` output), sharing its weights.
 
+    ``int8_head``: compute the logits with a Q8_0 copy of the full-precision lm_head weight (int8, one scale per
+    block of 32 inputs) instead of the fp32 weight.
+
     Raises:
-        DecoderError: the model is not a packed HF BitNet model (layout, int8 activations, sub-norms).
+        DecoderError: the model is not a packed HF BitNet model (layout, int8 activations, sub-norms), or
+            ``int8_head`` with an lm_head that is not a plain linear layer.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, int8_head: bool = False):
         config = getattr(model, "config", None)
         if getattr(config, "model_type", None) != "bitnet":
             raise DecoderError(f"the packed decoder runs HF BitNetForCausalLM models, got "
@@ -96,6 +103,11 @@ class PackedDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         inner = model.model
         self.embed, self.norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
+        if int8_head:
+            if not isinstance(model.lm_head, nn.Linear):
+                raise DecoderError(f"int8_head quantizes a full-precision linear lm_head; this model's is "
+                                   f"{type(model.lm_head).__name__}. Decode without int8_head")
+            self.lm_head = Q8_0Linear.from_linear(model.lm_head)
         rotary = inner.rotary_emb
         if getattr(rotary, "rope_type", "default") != "default":
             raise DecoderError(f"the packed decoder implements default RoPE, this model uses {rotary.rope_type!r}")
@@ -132,8 +144,9 @@ class PackedDecoder:
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits (1, T, vocab) of ``ids`` (1, T), which continue the cached sequence (``reset`` first)."""
+    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits (1, T, vocab) of ``ids`` (1, T), which continue the cached sequence (``reset`` first); with
+        ``last_only`` those of the last position only (1, 1, vocab), all that greedy decoding reads."""
         if self.k_cache is None:
             raise DecoderError("call reset(max_len) before forward")
         tokens = ids.shape[1]
@@ -165,7 +178,8 @@ class PackedDecoder:
             gate, up = block.gate_up(h).chunk(2, dim=-1)
             x = x + block.down_proj(block.ffn_sub_norm(block.act(gate) * up))
         self.length = end
-        return self.lm_head(self.norm(x))
+        # The head over every prompt position is a vocab-wide GEMM that greedy decoding never reads.
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None
                  ) -> torch.Tensor:
@@ -179,7 +193,7 @@ class PackedDecoder:
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
         self.reset(ids.shape[1] + max_new_tokens)
         out = [ids]
-        logits = self.forward(ids)
+        logits = self.forward(ids, last_only=True)
         for _ in range(max_new_tokens):
             token = logits[:, -1].argmax(-1, keepdim=True)
             out.append(token)

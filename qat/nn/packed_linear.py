@@ -16,11 +16,19 @@ from torch import nn
 from transformers.integrations.bitnet import BitLinear as HFBitLinear
 
 from qat.errors import ExportError
-from qat.kernels.packed_linear import dense_linear, packed_linear, unpack_codes
+from qat.kernels.packed_linear import dense_linear, packed_linear, q8_0_linear, unpack_codes
 from qat.nn.quantized import QuantizedLinear, quantized_layers
 from qat.nn.schemes import Scheme
 from qat.pack.hf_bitnet import unpack_ternary_hf
-from qat.pack.kernel_layout import BINARY_BITS, TERNARY_BITS, pack_binary_1bit, pack_ternary_2bit
+from qat.pack.kernel_layout import (
+    BINARY_BITS,
+    TERNARY_BITS,
+    pack_binary_1bit,
+    pack_q8_0,
+    pack_ternary_2bit,
+    unpack_q8_0,
+)
+from qat.quant.q8_0 import Q8_0_BLOCK, dequantize_q8_0, quantize_q8_0
 
 # ``Scheme.packed_layout`` -> bits per code and the packer of the kernel layout (qat.pack.kernel_layout).
 PACKED_LAYOUTS = {"ternary_2bit": (TERNARY_BITS, pack_ternary_2bit), "binary_1bit": (BINARY_BITS, pack_binary_1bit)}
@@ -140,6 +148,52 @@ class DenseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense_linear(x, self.weight, self.bias)
+
+
+class Q8_0Linear(nn.Module):
+    """A full-precision linear layer (the ``lm_head``) with GGML Q8_0 weights: int8 codes and one fp16 scale per block
+    of 32 inputs (``d = max|w| / 127``, ``q = round(w / d)``), 1.06 bytes per weight instead of fp32's 4. A decode
+    step streams the head's weight from memory once per token (32000 x 1536 fp32: 197 MB, more than all packed
+    layers of a 700M model), so its bytes set its time. Activations are quantized per token and block the same way
+    (:func:`qat.kernels.packed_linear.q8_0_linear`), as llama.cpp's Q8_0 dot products do.
+
+    Buffers: ``qweight`` int8 (out, padded_in) in the interleaved chunk layout and ``scale`` fp16 (out,
+    padded_in / 32) (:func:`qat.pack.kernel_layout.pack_q8_0`), optional ``bias``.
+
+    Example usage::
+
+        head = Q8_0Linear.from_linear(model.lm_head)
+        logits = head(hidden)   # ~ model.lm_head(hidden); held-out perplexity +0.003% (bench/int8_head_perplexity.py)
+    """
+
+    def __init__(self, in_features: int, out_features: int, qweight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Q8_0Linear":
+        """Quantize ``linear``'s weight to Q8_0 (a copy: a tied embedding keeps its fp32 weight)."""
+        with torch.no_grad():
+            codes, d = quantize_q8_0(linear.weight.float())
+            qweight, scale = pack_q8_0(codes, d)
+            bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        return cls(linear.in_features, linear.out_features, qweight, scale, bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        codes = unpack_q8_0(self.qweight, -(-self.in_features // Q8_0_BLOCK) * Q8_0_BLOCK)
+        d = self.scale[:, :codes.shape[1] // Q8_0_BLOCK]
+        return dequantize_q8_0(codes, d)[:, :self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = q8_0_linear(x, self.qweight, self.scale, self.in_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0, bias={self.bias is not None}"
 
 
 def pack_model(model: nn.Module, inplace: bool = False) -> nn.Module:

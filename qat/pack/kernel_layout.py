@@ -11,7 +11,13 @@ stored together, row ``BINARY_TILE_ROWS[p]`` at position ``p``. A 32-byte load i
 nibble) of 32 rows, the index vector of a T-MAC style table lookup (``vpshufb`` into the 16 signed sums of 4
 activations); the position order is the one AVX2's byte unpack produces, so results come out in row order.
 
-Input columns are zero-padded to whole 256 (ternary) / 512 (binary) value blocks, binary rows to whole tiles;
+Q8_0 (int8 codes, one scale per block of 32 inputs; the int8 lm_head), shape (out, padded_in): the input
+dimension is cut into chunks of 16 blocks (512 values); within a chunk, byte ``4 * (16 * i + j) + b`` holds value
+``4 * i + b`` of block ``j``. A 64-byte load ``i`` then holds 4 consecutive values of each of the chunk's 16 blocks,
+so ``vpdpbusd`` leaves block ``j``'s partial dot in 32-bit lane ``j``: after the chunk's 8 loads each lane is one
+whole block's dot product, ready for its scale, with no horizontal sums. Scales: (out, padded_in / 32).
+
+Input columns are zero-padded to whole 256 (ternary) / 512 (binary, Q8_0) value blocks, binary rows to whole tiles;
 the kernels zero-pad the activations and never write padded rows, so padding never contributes. Group scales
 fall on these blocks. Each packer has its exact inverse here; :func:`ternary_2bit_from_hf` converts the HF
 export layout without going through floats.
@@ -103,6 +109,38 @@ def unpack_binary_1bit(packed: torch.Tensor, in_features: int, out_features: int
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     bits = (row_bytes.unsqueeze(-1) >> shifts) & 1
     return (bits.reshape(row_bytes.shape[0], -1)[:out_features, :in_features].to(torch.int16) * 2 - 1).to(dtype)
+
+
+Q8_0_CHUNK_BLOCKS = 16                        # blocks of 32 per chunk: one 32-bit lane each
+Q8_0_CHUNK = 32 * Q8_0_CHUNK_BLOCKS
+
+
+def _q8_0_chunks(values: torch.Tensor) -> torch.Tensor:
+    """(rows, padded_in) -> (rows, chunks, 16 blocks, 8 loads, 4 bytes): the block order of a chunk."""
+    return values.reshape(values.shape[0], -1, Q8_0_CHUNK_BLOCKS, 8, 4)
+
+
+def pack_q8_0(codes: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 codes int8 (out, k) and block scales (out, k / 32) (:func:`qat.quant.q8_0.quantize_q8_0`, k a multiple
+    of 32) -> int8 (out, padded_in) in the interleaved chunk layout and fp16 scales (out, padded_in / 32), zero in
+    the padding (fp16 as GGML Q8_0 stores them)."""
+    rows, k = codes.shape
+    if k % 32 or d.shape != (rows, k // 32):
+        raise ValueError(f"Q8_0 codes (out, k) need k a multiple of 32 and scales (out, k / 32); got codes "
+                         f"{tuple(codes.shape)}, scales {tuple(d.shape)}")
+    padded = -(-k // Q8_0_CHUNK) * Q8_0_CHUNK
+    full = torch.zeros((rows, padded), dtype=torch.int8, device=codes.device)
+    full[:, :k] = codes
+    scales = torch.zeros((rows, padded // 32), dtype=torch.float16, device=codes.device)
+    scales[:, :k // 32] = d
+    return _q8_0_chunks(full).transpose(2, 3).reshape(rows, padded).contiguous(), scales
+
+
+def unpack_q8_0(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_q8_0` for the codes: int8 (out, in_features) in input order."""
+    rows = packed.shape[0]
+    interleaved = packed.reshape(rows, -1, 8, Q8_0_CHUNK_BLOCKS, 4)       # (rows, chunks, loads, blocks, bytes)
+    return interleaved.transpose(2, 3).reshape(rows, -1)[:, :in_features]
 
 
 def ternary_2bit_from_hf(packed_hf: torch.Tensor) -> torch.Tensor:

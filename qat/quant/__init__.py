@@ -3,8 +3,9 @@
 
 from qat.quant.activation import absmax_int8_per_token
 from qat.quant.binary import absmean_binary
+from qat.quant.q8_0 import dequantize_q8_0, quantize_q8_0
 from qat.quant.ste import straight_through
 from qat.quant.ternary import absmean_ternary, absmedian_ternary, dequantize
 
 __all__ = ["absmean_ternary", "absmedian_ternary", "absmean_binary", "dequantize", "absmax_int8_per_token",
-           "straight_through"]
+           "straight_through", "quantize_q8_0", "dequantize_q8_0"]

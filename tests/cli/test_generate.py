@@ -76,6 +76,28 @@ def test_generate_cli_decodes_the_qat_models_tokens(exported, capsys):
     assert printed == tokenizer.decode(want[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def test_generate_cli_int8_head_decodes_with_the_q8_0_head(exported, capsys):
+    """--int8_head: the tokens qat's packed decoder gives with the Q8_0 copy of the lm_head."""
+    from qat.nn.decoder import PackedDecoder
+
+    _, tokenizer, folder = exported
+    prompt = "the quick brown"
+    assert main(["generate", str(folder), prompt, "--max_new_tokens", "8", "--int8_head"]) == 0
+    captured = capsys.readouterr()
+    assert "(packed, qat decoder, int8 head)" in captured.err
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    want = PackedDecoder(pack_model(hf_model), int8_head=True).generate(ids, 8)
+    assert captured.out.strip().splitlines()[-1] == tokenizer.decode(want[0, ids.shape[1]:],
+                                                                       skip_special_tokens=True).strip()
+
+
+def test_generate_cli_int8_head_without_the_packed_decoder_is_a_clear_error(exported, capsys):
+    _, _, folder = exported
+    assert main(["generate", str(folder), "the", "--packed", "false", "--int8_head"]) == 2
+    assert "--int8_head runs in qat's packed decoder" in capsys.readouterr().err
+
+
 def test_generate_without_a_model_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "hello"]) == 2
     assert "not an HF model folder" in capsys.readouterr().err

@@ -10,9 +10,17 @@ from qat.kernels.packed_linear import (
     packed_linear,
     packed_linear_torch,
     path_support,
+    q8_0_linear,
     selected_path,
 )
-from tests.references.packed_linear_reference import PACKERS, assert_matches_reference, random_problem
+from qat.pack.kernel_layout import pack_q8_0
+from qat.quant.q8_0 import quantize_q8_0
+from tests.references.packed_linear_reference import (
+    PACKERS,
+    assert_matches_reference,
+    assert_q8_0_matches_reference,
+    random_problem,
+)
 
 pytestmark = pytest.mark.kernels
 
@@ -124,3 +132,54 @@ def test_dense_gemv_matches_float64_reference(forced_path, rows, k):
     assert ((y.double() - ref).abs() <= 1e-5 * magnitude).all()
     batch = torch.randn(3, k, generator=gen)                    # more than one token: F.linear, bit for bit
     assert torch.equal(dense_linear(batch, weight, bias), torch.nn.functional.linear(batch, weight, bias))
+
+
+def q8_0_problem(tokens: int, rows: int, k: int, seed: int):
+    """Random fp32 weight and its Q8_0 codes / fp16 scales, packed; inputs of widely varying magnitude."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, k, generator=gen) * 0.05
+    codes, d = quantize_q8_0(weight)
+    w_d = d.half()                                                  # what the packed layer stores
+    qweight, scale = pack_q8_0(codes, w_d)
+    x = torch.randn(tokens, k, generator=gen) * torch.logspace(-2, 2, tokens).unsqueeze(1)
+    return weight, codes, w_d.float(), qweight, scale, x
+
+
+# Sizes on and off the 32-value block and the 512-value chunk, one token (decode) and a prefill batch.
+Q8_0_SHAPES = [(1, 1, 32), (1, 70, 96), (2, 5, 600), (3, 33, 1536), (16, 100, 2048), (1, 130, 4100)]
+
+
+@pytest.mark.parametrize("shape", Q8_0_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_q8_0_linear_matches_float64_reference(forced_path, shape):
+    tokens, rows, k = shape
+    weight, codes, w_d, qweight, scale, x = q8_0_problem(tokens, rows, k, seed=sum(shape))
+    y = q8_0_linear(x.reshape(1, tokens, k), qweight, scale, k)
+    assert selected_path() == forced_path
+    assert y.shape == (1, tokens, rows) and y.dtype == torch.float32
+    assert_q8_0_matches_reference(y, x, codes, w_d)
+    # Against the fp32 weights, loosely: each factor is rounded by up to half a step, 1/254 of its block's maximum.
+    exact = x.double() @ weight.double().T
+    assert ((y[0].double() - exact).abs() <= 0.02 * (x.double().abs() @ weight.double().abs().T)).all()
+
+
+def test_q8_0_reference_check_catches_one_wrong_code():
+    """The tolerance of assert_q8_0_matches_reference is tight enough to see a single weight code off by one."""
+    _, codes, w_d, qweight, scale, x = q8_0_problem(2, 8, 1536, seed=11)
+    y = q8_0_linear(x, qweight, scale, 1536)
+    wrong = codes.clone()
+    wrong[3, 700] += 1 if wrong[3, 700] < 127 else -1
+    with pytest.raises(AssertionError, match="of sum"):
+        assert_q8_0_matches_reference(y, x, wrong, w_d)
+
+
+def test_q8_0_extreme_codes_do_not_overflow(forced_path):
+    """Every code at +-127 over 8192 inputs: vpmaddubsw pairs at 2 * 127^2 (int16's limit is 32767)."""
+    k = 8192
+    codes = torch.full((3, k), 127, dtype=torch.int8)
+    codes[1] = -127
+    qweight, scale = pack_q8_0(codes, torch.ones(3, k // 32))
+    x = torch.full((2, k), 5.0)
+    x[1] = -5.0                                                   # activation codes +-127, d = 5 / 127
+    y = q8_0_linear(x, qweight, scale, k)
+    expected = torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]]) * 127 * 5 * k
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=0)

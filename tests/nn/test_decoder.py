@@ -4,11 +4,14 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
 from qat.nn.decoder import DecoderError, PackedDecoder, fuse_packed_linears
-from qat.nn.packed_linear import pack_model
+from qat.nn.packed_linear import Q8_0Linear, pack_model
+from qat.quant.q8_0 import quantize_q8_0
+from tests.references.packed_linear_reference import assert_q8_0_matches_reference
 
 pytestmark = pytest.mark.kernels
 
@@ -43,6 +46,18 @@ def test_greedy_tokens_equal_hf_generate(weight):
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(PackedDecoder(model).generate(prompt, 10, eos_token_id=[]), want)
+
+
+def test_last_only_logits_are_the_last_position_of_the_full_logits():
+    model = packed_bitnet("absmean_ternary")
+    ids = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(5))
+    decoder = PackedDecoder(model)
+    decoder.reset(8)
+    full = decoder.forward(ids)
+    decoder.reset(8)
+    last = decoder.forward(ids, last_only=True)
+    assert last.shape == (1, 1, 97) and decoder.length == 7
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)
 
 
 def test_generate_stops_after_an_eos_token():
@@ -81,3 +96,32 @@ def test_cache_overflow_is_a_clear_error():
     decoder.forward(torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(DecoderError, match="exceeds the cache of 4"):
         decoder.forward(torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_int8_head_logits_are_the_q8_0_head_of_the_final_hidden_states():
+    """The int8-head decoder's logits: the Q8_0 formula (float64 reference) applied to the hidden states the fp32-head
+    decoder feeds its head, and close to the fp32 head's logits."""
+    model = packed_bitnet("absmean_ternary")
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(4))
+    fp32, int8 = PackedDecoder(model), PackedDecoder(model, int8_head=True)
+    assert isinstance(int8.lm_head, Q8_0Linear) and int8.lm_head is not model.lm_head
+    hidden_states = PackedDecoder(model)
+    hidden_states.lm_head = nn.Identity()                      # forward then returns the normed final hidden states
+    logits = {}
+    for name, decoder in (("fp32", fp32), ("int8", int8), ("hidden", hidden_states)):
+        decoder.reset(9)
+        logits[name] = torch.cat([decoder.forward(ids[:, :6])] + [decoder.forward(ids[:, i:i + 1]) for i in (6, 7, 8)],
+                                 dim=1)[0]
+    weight = model.lm_head.weight.detach()
+    codes, d = quantize_q8_0(weight)
+    assert_q8_0_matches_reference(logits["int8"], logits["hidden"], codes, d.half().float())
+    assert ((logits["int8"] - logits["fp32"]).abs() <= 0.02 * (logits["hidden"].abs() @ weight.abs().T)).all()
+    out = int8.generate(ids, 5, eos_token_id=[])
+    assert out.shape == (1, 14) and torch.equal(out[:, :9], ids)
+
+
+def test_int8_head_needs_a_linear_head():
+    model = packed_bitnet("absmean_ternary")
+    model.lm_head = nn.Sequential(model.lm_head)
+    with pytest.raises(DecoderError, match="int8_head quantizes a full-precision linear lm_head"):
+        PackedDecoder(model, int8_head=True)

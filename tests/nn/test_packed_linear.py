@@ -8,8 +8,10 @@ from qat.errors import ExportError
 from qat.nn.bitlinear import BitLinear
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
-from qat.nn.packed_linear import DenseLinear, PackedLinear, pack_model
+from qat.nn.packed_linear import DenseLinear, PackedLinear, Q8_0Linear, pack_model
 from qat.nn.schemes import SCHEMES, Scheme, register_scheme
+from qat.quant.q8_0 import quantize_q8_0
+from tests.references.packed_linear_reference import assert_q8_0_matches_reference
 
 pytestmark = pytest.mark.kernels
 
@@ -84,4 +86,31 @@ def test_dense_head_keeps_tied_embeddings_tied():
                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
     packed_model = pack_model(convert_to_qat(build_model(arch), QuantConfig()))
     assert isinstance(packed_model.lm_head, DenseLinear)
+    assert packed_model.lm_head.weight is packed_model.model.embed_tokens.weight
+
+
+def test_q8_0_head_computes_the_q8_0_formula_of_the_linear_layer():
+    torch.manual_seed(0)
+    linear = nn.Linear(200, 77)                                  # 200 inputs: a partial last block, padded
+    head = Q8_0Linear.from_linear(linear)
+    x = torch.randn(2, 3, 200)
+    with torch.no_grad():
+        y, want = head(x), linear(x)
+    assert y.shape == (2, 3, 77)
+    codes, d = quantize_q8_0(linear.weight.detach())
+    assert_q8_0_matches_reference(y - linear.bias.detach(), x.reshape(6, 200), codes, d.half().float())
+    # Weights within half a step plus the fp16 rounding of d (|code| <= 127 times 2^-11 d), logits close to fp32's.
+    err = (head.dequantized_weight() - linear.weight.detach()).abs()
+    assert (err <= (0.5 + 127 * 2**-11) * d.repeat_interleave(32, dim=1)[:, :200]).all()
+    assert ((y - want).abs() <= 0.02 * (x.abs() @ linear.weight.detach().abs().T)).all()
+
+
+def test_q8_0_head_of_a_tied_embedding_leaves_the_embedding_alone():
+    arch = ArchConfig(family="bitnet", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    packed_model = pack_model(convert_to_qat(build_model(arch), QuantConfig()))
+    before = packed_model.model.embed_tokens.weight.detach().clone()
+    head = Q8_0Linear.from_linear(packed_model.lm_head)
+    assert head.qweight.dtype == torch.int8 and head.qweight.shape == (300, 512)
+    assert torch.equal(packed_model.model.embed_tokens.weight, before)
     assert packed_model.lm_head.weight is packed_model.model.embed_tokens.weight

@@ -7,10 +7,12 @@ from qat.pack.hf_bitnet import pack_ternary_hf
 from qat.pack.kernel_layout import (
     BINARY_TILE_ROWS,
     pack_binary_1bit,
+    pack_q8_0,
     pack_ternary_2bit,
     padded_in_features,
     ternary_2bit_from_hf,
     unpack_binary_1bit,
+    unpack_q8_0,
     unpack_ternary_2bit,
 )
 
@@ -68,3 +70,35 @@ def test_codes_outside_the_levels_are_rejected():
         pack_ternary_2bit(torch.tensor([[2, 0]]))
     with pytest.raises(ValueError, match="codes must be in"):
         pack_binary_1bit(torch.tensor([[0, 1]]))
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (3, 96), (5, 512), (2, 1536), (4, 1600)])
+def test_q8_0_round_trip_size_and_zero_padded_scales(shape):
+    rows, k = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    codes = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+    d = torch.rand(rows, k // 32, generator=gen)
+    packed, scales = pack_q8_0(codes, d)
+    padded = -(-k // 512) * 512
+    assert packed.dtype == torch.int8 and packed.shape == (rows, padded)
+    assert scales.dtype == torch.float16 and scales.shape == (rows, padded // 32)
+    assert torch.equal(unpack_q8_0(packed, k), codes)
+    assert torch.equal(scales[:, :k // 32], d.half()) and (scales[:, k // 32:] == 0).all()
+    assert (unpack_q8_0(packed, padded)[:, k:] == 0).all()
+
+
+def test_q8_0_positions_follow_the_documented_layout():
+    """Byte 4 * (16 * i + j) + b of a 512-value chunk holds value 4 * i + b of the chunk's block j."""
+    codes = torch.zeros(1, 1024, dtype=torch.int8)
+    codes[0, 32 * 5 + 4 * 3 + 2] = 7            # chunk 0, block 5, load 3, byte 2
+    codes[0, 512 + 32 * 15 + 4 * 7 + 3] = -9    # chunk 1, block 15, load 7, byte 3
+    packed, _ = pack_q8_0(codes, torch.ones(1, 32))
+    expected = torch.zeros(1, 1024, dtype=torch.int8)
+    expected[0, 4 * (16 * 3 + 5) + 2] = 7
+    expected[0, 512 + 4 * (16 * 7 + 15) + 3] = -9
+    assert torch.equal(packed, expected)
+
+
+def test_q8_0_rejects_a_width_off_the_block():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_q8_0(torch.zeros(2, 40, dtype=torch.int8), torch.ones(2, 1))

@@ -43,3 +43,31 @@ def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, codes: torch.Tens
     step = scale.double().min() / x_scale.double()              # (tokens, 1)
     err_in_steps = ((y.double() - ref).abs() / step).max().item()
     assert err_in_steps < 0.05, f"max error {err_in_steps:.3g} integer steps"
+
+
+def reference_q8_0_linear(x: torch.Tensor, w_codes: torch.Tensor, w_d: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """float64 GGML Q8_0 x Q8_0: y = sum_b (x_codes . w_codes)_b * d_w * d_x, activations quantized per token and
+    block of 32 by qat.quant.q8_0; also the sum of |terms| (the scale of fp32 summation error)."""
+    from qat.quant.q8_0 import quantize_q8_0
+
+    x_codes, x_d = quantize_q8_0(x.float())
+    tokens, rows = x_codes.shape[0], w_codes.shape[0]
+    xb = x_codes.double().reshape(tokens, -1, 32)
+    wb = w_codes.double().reshape(rows, -1, 32)
+    scales = w_d.double().unsqueeze(0) * x_d.double().unsqueeze(1)              # (tokens, rows, blocks)
+    y = (torch.einsum("tbk,nbk->tnb", xb, wb) * scales).sum(-1)
+    magnitude = (torch.einsum("tbk,nbk->tnb", xb.abs(), wb.abs()) * scales.abs()).sum(-1)
+    return y, magnitude
+
+
+# fp32 error of the per-block scaling and block sums: ~1e-7 of sum|terms|. One wrong activation or weight code
+# moves a result by d_w * d_x * |other code|, ~1/(32 * blocks) of sum|terms| (~2e-5 at 1536 inputs): far above.
+Q8_0_RTOL = 2e-6
+
+
+def assert_q8_0_matches_reference(y: torch.Tensor, x: torch.Tensor, w_codes: torch.Tensor, w_d: torch.Tensor) -> None:
+    assert torch.isfinite(y).all(), "unwritten (poisoned) or non-finite outputs"
+    ref, magnitude = reference_q8_0_linear(x, w_codes, w_d)
+    err = ((y.double().reshape(ref.shape) - ref).abs() / magnitude.clamp(min=1e-30)).max().item()
+    assert err < Q8_0_RTOL, f"max error {err:.3g} of sum|terms|"
