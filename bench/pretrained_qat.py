@@ -1,13 +1,15 @@
 """What QAT recovers on a pretrained model: for each finished run of a pretrained recipe (e.g.
 ``recipes/smollm2-135m-4bit.yaml``, ``recipes/smollm2-135m-ternary.yaml``), held-out perplexity and bits/byte of the
-full-precision original (FP), of the recipe's quantization of it with no training (PTQ) and of the trained run (QAT),
-on the same held-out blocks, beside the training budget (steps, tokens) and wall time of the run. Prints a markdown
+full-precision original (FP), of the recipe's quantization of it with no training (PTQ) and of the trained run (QAT:
+its export's eval.json from ``qat run`` when that covered the same blocks, else its checkpoint), on the same
+held-out blocks, beside the training budget (steps, tokens) and wall time of the run. Prints a markdown
 table and draws ``pretrained_qat.png``.
 
     python bench/pretrained_qat.py runs/smollm2-135m-4bit runs/smollm2-135m-ternary [--max_blocks 64] [--out DIR]
 """
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -25,6 +27,16 @@ from qat.train.wandb_logger import offline_run_files, read_wandb_history
 def measure(model, blocks, batch_size: int, bytes_per_token: float, desc: str) -> dict:
     with torch.no_grad():
         return heldout_metrics(lambda ids: model(input_ids=ids).logits, blocks, batch_size, bytes_per_token, desc)
+
+
+def evaluated_export(run_dir: Path, tokens: int) -> dict | None:
+    """The held-out metrics ``qat run`` measured on the run's export (its eval.json), when they cover exactly these
+    tokens; None otherwise (then the checkpoint is evaluated here)."""
+    for eval_file in sorted(run_dir.glob("export-*/eval.json")):
+        exported = json.loads(eval_file.read_text()).get("exported") or {}
+        if exported.get("tokens") == tokens and "bits_per_byte" in exported:
+            return exported
+    return None
 
 
 def training_budget(run_dir: Path, data_hparams: dict, global_step: int) -> dict:
@@ -45,7 +57,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNG (default: the first run's)")
     args = parser.parse_args()
-    rows, fp_cache = [], {}
+    rows, cache = [], {}
     for run_dir in args.runs:
         trained = load_trained_model(str(RunLayout(run_dir).last_checkpoint))
         if not trained.arch.pretrained or trained.quant is None:
@@ -56,14 +68,16 @@ def main() -> None:
         blocks = blocks[: args.max_blocks] if args.max_blocks else blocks
         bpt = data.validation_bytes_per_token()
         key = (trained.arch.pretrained, len(blocks), int(trained.data_hparams["seq_len"]))
-        if key not in fp_cache:
-            fp_cache[key] = measure(build_model(trained.arch).eval(), blocks, args.batch_size, bpt, "FP")
-        ptq_model = convert_to_qat(build_model(trained.arch), trained.quant).eval()
-        ptq = measure(ptq_model, blocks, args.batch_size, bpt, "PTQ")
-        del ptq_model
-        qat = measure(trained.model, blocks, args.batch_size, bpt, "QAT")
-        rows.append({"run": run_dir.name, "scheme": trained.quant.weight, "fp": fp_cache[key], "ptq": ptq, "qat": qat,
-                     **training_budget(run_dir, trained.data_hparams, trained.global_step)})
+        if key not in cache:
+            cache[key] = measure(build_model(trained.arch).eval(), blocks, args.batch_size, bpt, "FP")
+        ptq_key = (*key, repr(trained.quant))               # runs that differ only in training share their PTQ
+        if ptq_key not in cache:
+            cache[ptq_key] = measure(convert_to_qat(build_model(trained.arch), trained.quant).eval(), blocks,
+                                     args.batch_size, bpt, "PTQ")
+        qat = evaluated_export(run_dir, cache[key]["tokens"]) or measure(trained.model, blocks, args.batch_size, bpt,
+                                                                        "QAT")
+        rows.append({"run": run_dir.name, "scheme": trained.quant.weight, "fp": cache[key], "ptq": cache[ptq_key],
+                     "qat": qat, **training_budget(run_dir, trained.data_hparams, trained.global_step)})
     tokens = rows[0]["fp"]["tokens"]
     print(f"Held-out Wikipedia perplexity (bits/byte) on the same {tokens} tokens, CPU: {torch.get_num_threads()} "
           "threads")
