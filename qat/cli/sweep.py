@@ -10,13 +10,21 @@ from typing import Optional
 from qat.checkpoint.layout import RunLayout
 from qat.cluster.submit import SlurmJob, check_recipe_script_texts, load_recipe
 from qat.errors import QATError, RecipeError
-from qat.eval.sweep import SweepPoint, bit_schemes, parse_bits, plan_points, write_ptq_checkpoint, write_sweep_outputs
+from qat.eval.sweep import (
+    SweepPoint,
+    bit_schemes,
+    check_sizes,
+    parse_bits,
+    plan_points,
+    write_ptq_checkpoint,
+    write_sweep_outputs,
+)
 from qat.train.wandb_logger import GROUP_ENV
 
 
 def point_args(point: SweepPoint) -> list[str]:
     """The ``qat run`` arguments that make the recipe this point (besides its run folder)."""
-    args = [f"--run.name={point.name}"]
+    args = [f"--run.name={point.name}", *point.size_args]
     if point.kind == "fp":
         return args + ["--model.quant=null"]
     return args + [f"--model.quant.weight={point.scheme}"]
@@ -63,7 +71,7 @@ def sweep(recipe: str, bits: str = "1,1.58,2,3,4", schemes: Optional[str] = None
           ptq: bool = True, eval_max_blocks: int = 0, out_dir: Optional[str] = None,
           overrides: Optional[list[str]] = None, submit: bool = False, nodes: int = 1, gpus_per_node: int = 0,
           ranks_per_node: int = 1, cpus_per_task: int = 1, partition: Optional[str] = None, time: str = "01:00:00",
-          dry_run: bool = False) -> None:
+          dry_run: bool = False, sizes: Optional[dict[str, list[str]]] = None) -> None:
     """Train and evaluate a recipe at several bit widths and draw the size-quality front.
 
     Every point is a normal ``qat run`` (fit, export, eval) in its own run folder ``<run.name>-w<bits>`` and W&B
@@ -90,6 +98,9 @@ def sweep(recipe: str, bits: str = "1,1.58,2,3,4", schemes: Optional[str] = None
         partition: SLURM partition (default: the cluster's default).
         time: time limit per array task, HH:MM:SS.
         dry_run: with --submit, print the sbatch script instead of submitting it.
+        sizes: also sweep model sizes: label -> the ``qat run`` overrides of that size, e.g.
+            ``--sizes '{h128: [--model.arch.hidden_size=128, --model.arch.intermediate_size=384], h256: [...]}'``;
+            every size gets its FP, QAT and PTQ points (``<run.name>-<label>-w<bits>``), all on one front.
     """
     config = recipe
     loaded = load_recipe(Path(config))
@@ -97,6 +108,7 @@ def sweep(recipe: str, bits: str = "1,1.58,2,3,4", schemes: Optional[str] = None
     run_name = str((loaded.get("run") or {}).get("name") or "qat-run")
     quant = _recipe_quant(loaded, config)
     chosen = bit_schemes(parse_bits(bits), schemes)
+    sizes = check_sizes(sizes)
     if ptq and not fp:
         raise RecipeError("--ptq needs the FP point (PTQ quantizes its weights); pass --fp true or --ptq false")
     from qat.nn.config import QuantConfig
@@ -106,19 +118,19 @@ def sweep(recipe: str, bits: str = "1,1.58,2,3,4", schemes: Optional[str] = None
     overrides = list(overrides or [])
     group = f"{run_name}-sweep"
     sweep_dir = Path(out_dir) if out_dir else RunLayout.for_run(group).run_dir
-    points = plan_points(run_name, chosen, fp=fp, ptq=ptq)
+    points = plan_points(run_name, chosen, fp=fp, ptq=ptq, sizes=sizes)
     if submit:
         _submit(points, Path(config), sweep_dir, group, eval_max_blocks, overrides, dry_run,
                 SlurmJob(recipe=Path(config), nodes=nodes, gpus_per_node=gpus_per_node, ranks_per_node=ranks_per_node,
                          cpus_per_task=cpus_per_task, partition=partition, time=time, run_dir=sweep_dir,
                          overrides=overrides))
         return
-    fp_point = next((p for p in points if p.kind == "fp"), None)
+    fp_points = {p.size: p for p in points if p.kind == "fp"}
     for point in points:
         if point.finished:
             print(f"qat sweep: {point.name} is finished ({point.eval_file}); kept", flush=True)
         elif point.kind == "ptq":
-            _run_ptq_point(point, fp_point, quant, eval_max_blocks)
+            _run_ptq_point(point, fp_points[point.size], quant, eval_max_blocks)
         else:
             _run_point(point, config, overrides, eval_max_blocks, group)
     outputs = write_sweep_outputs(points, sweep_dir, title=f"{run_name}: size vs quality")

@@ -13,6 +13,7 @@ embeddings, norms, full-precision layers) times 8, headers and tokenizers left o
 import csv
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,8 @@ DEFAULT_BIT_SCHEMES = {"1": "paretoq_1bit", "1.58": "paretoq_ternary", "2": "par
 KINDS = ("fp", "ptq", "qat")
 EVAL_FILE = "eval.json"
 CSV_FILE, TABLE_FILE, PLOT_FILE = "sweep.csv", "sweep.md", "pareto.png"
-CSV_COLUMNS = ("point", "kind", "bits", "scheme", "format", "size_bits", "size_mib", "perplexity", "bits_per_byte",
-               "run_dir")
+CSV_COLUMNS = ("point", "size", "kind", "bits", "scheme", "format", "size_bits", "size_mib", "perplexity",
+               "bits_per_byte", "run_dir")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class SweepPoint:
         scheme: the quantization scheme, None for the FP point.
         export_format: the format the point is exported and evaluated in.
         run_dir: the point's run folder.
+        size: the model-size label of a sweep over sizes ("" without one).
+        size_args: the ``qat run`` overrides that give the model that size.
     """
 
     name: str
@@ -50,6 +53,8 @@ class SweepPoint:
     scheme: Optional[str]
     export_format: str
     run_dir: Path
+    size: str = ""
+    size_args: tuple[str, ...] = ()
 
     @property
     def export_dir(self) -> Path:
@@ -111,24 +116,52 @@ def bit_schemes(bits: list[str], schemes: Optional[str | Sequence] = None,
 
 
 def plan_points(run_name: str, schemes: dict[str, str], fp: bool = True, ptq: bool = True,
-                runs_root: Optional[Path] = None) -> list[SweepPoint]:
-    """The points of a sweep in the order they run: FP, then per bit width QAT (and PTQ, which needs FP)."""
+                runs_root: Optional[Path] = None, sizes: Optional[dict[str, list[str]]] = None) -> list[SweepPoint]:
+    """The points of a sweep in the order they run: per model size (one, or each of ``sizes``: label -> ``qat run``
+    overrides), FP, then per bit width QAT (and PTQ, which needs that size's FP)."""
     from qat.export.formats import FULL_PRECISION_FORMAT, default_format_name
 
     def layout(name: str) -> Path:
         return RunLayout(Path(runs_root) / name).run_dir if runs_root else RunLayout.for_run(name).run_dir
 
     points = []
-    if fp:
-        name = f"{run_name}-fp"
-        points.append(SweepPoint(name, "fp", "16", None, FULL_PRECISION_FORMAT, layout(name)))
-    for bits, scheme in schemes.items():
-        name = f"{run_name}-w{bits}"
-        points.append(SweepPoint(name, "qat", bits, scheme, default_format_name(scheme), layout(name)))
-        if ptq and fp:
-            name = f"{run_name}-w{bits}-ptq"
-            points.append(SweepPoint(name, "ptq", bits, scheme, default_format_name(scheme), layout(name)))
+    for size, size_args in (sizes or {"": []}).items():
+        prefix, extra = (f"{run_name}-{size}" if size else run_name), {"size": size, "size_args": tuple(size_args)}
+        if fp:
+            name = f"{prefix}-fp"
+            points.append(SweepPoint(name, "fp", "16", None, FULL_PRECISION_FORMAT, layout(name), **extra))
+        for bits, scheme in schemes.items():
+            name = f"{prefix}-w{bits}"
+            points.append(SweepPoint(name, "qat", bits, scheme, default_format_name(scheme), layout(name), **extra))
+            if ptq and fp:
+                name = f"{prefix}-w{bits}-ptq"
+                points.append(SweepPoint(name, "ptq", bits, scheme, default_format_name(scheme), layout(name),
+                                         **extra))
     return points
+
+
+SIZE_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._]*$")
+
+
+def check_sizes(sizes: Optional[dict[str, list[str]]]) -> Optional[dict[str, list[str]]]:
+    """``--sizes`` checked: plain labels (they name run folders), each a list of ``--key=value`` overrides.
+
+    Raises:
+        RecipeError: naming the bad label or override.
+    """
+    if not sizes:
+        return None
+    checked = {}
+    for label, args in sizes.items():
+        if not isinstance(label, str) or not SIZE_LABEL.match(label):
+            raise RecipeError(f"--sizes: label {label!r} must be letters, digits, '.' or '_' (it names run folders)")
+        args = [args] if isinstance(args, str) else list(args or [])
+        bad = [a for a in args if not (isinstance(a, str) and a.startswith("--") and "=" in a)]
+        if not args or bad:
+            raise RecipeError(f"--sizes: {label!r} needs qat run overrides like '--model.arch.hidden_size=128', "
+                              f"got {bad or args}")
+        checked[label] = args
+    return checked
 
 
 # --------------------------------------------------------------------------------------------- measurements
@@ -170,7 +203,8 @@ def point_row(point: SweepPoint) -> dict:
     results = json.loads(point.eval_file.read_text())
     metrics = results.get("exported") or results.get("qat_model") or {}
     size = model_size_bits(point.export_dir)
-    return {"point": point.name, "kind": point.kind, "bits": point.bits, "scheme": point.scheme or "",
+    return {"point": point.name, "size": point.size, "kind": point.kind, "bits": point.bits,
+            "scheme": point.scheme or "",
             "format": point.export_format, "size_bits": size, "size_mib": round(size / 8 / 2**20, 4),
             "perplexity": metrics.get("perplexity"), "bits_per_byte": metrics.get("bits_per_byte"),
             "run_dir": str(point.run_dir)}
@@ -238,7 +272,8 @@ def plot_pareto(rows: list[dict], out_png: Path, title: str = "") -> Path:
         points.append((float(r["size_mib"]), q))
         color, marker, _ = styles[r["kind"]]
         ax.scatter(float(r["size_mib"]), q, c=color, marker=marker, s=70, zorder=3)
-        ax.annotate(f"{r['bits']}b" if r["kind"] != "fp" else "FP", (float(r["size_mib"]), q),
+        tag = f"{r['bits']}b" if r["kind"] != "fp" else "FP"
+        ax.annotate(f"{r['size']} {tag}" if r.get("size") else tag, (float(r["size_mib"]), q),
                     textcoords="offset points", xytext=(5, 4), fontsize=8)
     for kind, (color, marker, name) in styles.items():
         if any(r["kind"] == kind for r in rows):

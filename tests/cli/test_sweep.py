@@ -60,6 +60,32 @@ def test_plan_has_fp_then_qat_and_ptq_per_bit_width(tmp_path):
     assert [p.kind for p in plan_points("tiny", SCHEMES, fp=False, ptq=True, runs_root=tmp_path)] == ["qat", "qat"]
 
 
+SIZES = {"h64": ["--model.arch.hidden_size=64", "--model.arch.intermediate_size=192"],
+         "h128": ["--model.arch.hidden_size=128", "--model.arch.intermediate_size=384"]}
+
+
+def test_plan_over_sizes_has_each_sizes_fp_qat_and_ptq_with_its_overrides(tmp_path):
+    points = plan_points("tiny", {"1.58": "absmean_ternary"}, runs_root=tmp_path, sizes=SIZES)
+    assert [(p.name, p.size, p.kind) for p in points] == [
+        ("tiny-h64-fp", "h64", "fp"), ("tiny-h64-w1.58", "h64", "qat"), ("tiny-h64-w1.58-ptq", "h64", "ptq"),
+        ("tiny-h128-fp", "h128", "fp"), ("tiny-h128-w1.58", "h128", "qat"), ("tiny-h128-w1.58-ptq", "h128", "ptq")]
+    assert sweep_cli.point_args(points[4]) == ["--run.name=tiny-h128-w1.58", *SIZES["h128"],
+                                               "--model.quant.weight=absmean_ternary"]
+    assert sweep_cli.point_args(points[0])[1:3] == SIZES["h64"]
+
+
+@pytest.mark.parametrize("sizes,message", [
+    ('{"../x": ["--model.arch.hidden_size=64"]}', "label '../x'"),
+    ('{"small": []}', "needs qat run overrides"),
+    ('{"small": ["hidden_size=64"]}', "needs qat run overrides"),
+])
+def test_bad_sizes_are_one_line_exit_2_before_anything_runs(sizes, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path))
+    assert main(["sweep", "--config", str(RECIPE), "--bits", "1.58", "--sizes", sizes]) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())
+
+
 def _finish(point, tensor_bytes: int, ppl: float, bpb: float) -> None:
     """Make ``point`` look evaluated: an export with a weight file and eval.json."""
     point.export_dir.mkdir(parents=True)
@@ -211,6 +237,23 @@ def test_a_real_sweep_over_the_paretoq_bit_widths_writes_the_csv_table_and_plot(
     # Rerun: every point is finished, nothing is retrained.
     again = run_qat("sweep", "--config", str(RECIPE), "--bits", "1,1.58,2,3,4", cwd=tmp_path, timeout=600)
     assert again.returncode == 0 and again.stdout.count("is finished") == 11, again.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_real_sweep_over_two_model_sizes(tmp_path):
+    """--sizes: each size gets its FP, QAT and PTQ points (its PTQ quantizes its own FP checkpoint), one front."""
+    result = run_qat("sweep", "--config", str(RECIPE), "--bits", "1.58", "--eval_max_blocks", "1",
+                     "--sizes", json.dumps(SIZES), "--overrides+=--trainer.max_steps=3",
+                     "--overrides+=--trainer.val_check_interval=3", "--overrides+=--trainer.limit_val_batches=1",
+                     "--overrides+=--trainer.enable_progress_bar=false", "--overrides+=--data.max_val_blocks=2",
+                     cwd=tmp_path, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = list(csv.DictReader((tmp_path / "runs" / "bitnet-b158-tiny-sweep" / "sweep.csv").open()))
+    assert [(r["size"], r["kind"]) for r in rows] == [(s, k) for s in SIZES for k in ("fp", "qat", "ptq")]
+    size = {(r["size"], r["kind"]): int(r["size_bits"]) for r in rows}
+    assert size[("h128", "qat")] > size[("h64", "qat")] and size[("h128", "fp")] > size[("h64", "fp")]
+    assert size[("h64", "ptq")] == size[("h64", "qat")]                  # same architecture, same packing
+    assert (tmp_path / "runs" / "bitnet-b158-tiny-sweep" / "pareto.png").stat().st_size > 10_000
 
 
 @pytest.mark.cluster
