@@ -12,26 +12,21 @@ No other runtime implements FBI-LLM/OneBit column scales on 1-bit weights (llama
 TQ1_0/TQ2_0/I2_S, not this), so the folder loads through qat only: :func:`load_binary_export`.
 """
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from qat.errors import ExportError
 from qat.export.exporter import (
     ExportFormat,
-    linear_bits_per_weight,
+    load_rebuilt_state,
     measured_bits_per_weight,
-    model_quant,
     model_scheme,
-    read_qat_config,
+    rebuild_qat_model,
+    write_qat_folder,
 )
-from qat.export.folder import WEIGHTS_FILE, check_finite
-from qat.nn.config import QuantConfig
+from qat.export.folder import WEIGHTS_FILE
 from qat.nn.quantized import quantized_layers
 from qat.pack.binary_1bit import pack_sign_1bit, unpack_sign_1bit
 
@@ -67,14 +62,7 @@ def binary_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def write(model: nn.Module, folder: Path, dtype: str) -> None:
     """model.safetensors + config.json (every tensor stays fp32: the scales are what the 1-bit signs need)."""
-    state = binary_state_dict(model)
-    check_finite(state)
-    shapes = {n: [m.out_features, m.in_features] for n, m in quantized_layers(model).items()}
-    config = {"model_type": BINARY_MODEL_TYPE, "format_version": 1, "quant": asdict(model_quant(model)),
-              "base_config": model.config.to_dict(), "linear_shapes": shapes,
-              "bits_per_linear_weight": linear_bits_per_weight(state, shapes)}
-    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    write_qat_folder(model, folder, binary_state_dict(model), BINARY_MODEL_TYPE)
 
 
 def file_bits_per_weight(folder: Path) -> float:
@@ -88,36 +76,20 @@ def load_binary_export(folder: str | Path) -> torch.nn.Module:
     Raises:
         ExportError: the folder is not a qat binary export.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qat.nn.convert import convert_to_qat
-
     folder = Path(folder)
-    config = read_qat_config(folder, BINARY_MODEL_TYPE, "binary")
-    base = dict(config["base_config"])
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(base.pop("model_type"), **base),
-                                             dtype=torch.float32)
-    convert_to_qat(model, QuantConfig(**config["quant"]))
+    model, stored = rebuild_qat_model(folder, BINARY_MODEL_TYPE, "binary")
     layers = quantized_layers(model)
     state = {}
-    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
-        for key in f.keys():
-            tensor = f.get_tensor(key)
-            if key.endswith(SIGN_SUFFIX):
-                owner = key[: -len(SIGN_SUFFIX)]
-                if owner not in layers:
-                    raise ExportError(f"{folder}: {key} names no binary layer of the model its config describes")
-                # Latent weight = its own sign (±1): sign() of it gives back exactly the exported codes.
-                state[owner + ".weight"] = unpack_sign_1bit(tensor, layers[owner].in_features)
-            else:
-                state[key] = tensor
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ExportError(f"{folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+    for key, tensor in stored.items():
+        if key.endswith(SIGN_SUFFIX):
+            owner = key[: -len(SIGN_SUFFIX)]
+            if owner not in layers:
+                raise ExportError(f"{folder}: {key} names no binary layer of the model its config describes")
+            # Latent weight = its own sign (±1): sign() of it gives back exactly the exported codes.
+            state[owner + ".weight"] = unpack_sign_1bit(tensor, layers[owner].in_features)
+        else:
+            state[key] = tensor
+    return load_rebuilt_state(folder, model, state)
 
 
 FORMAT = ExportFormat(

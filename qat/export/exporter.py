@@ -141,3 +141,62 @@ def measured_bits_per_weight(folder: Path, weights_file: str, model_type: str, f
     with safe_open(str(Path(folder) / weights_file), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     return linear_bits_per_weight(state, config["linear_shapes"])
+
+
+def write_qat_folder(model: nn.Module, folder: Path, state: dict[str, torch.Tensor], model_type: str,
+                     **config_fields) -> None:
+    """``model.safetensors`` (``state``) + ``config.json`` of a qat-only safetensors format: ``model_type`` (so
+    transformers refuses the folder), the quantization, the base model's config, the quantized layers' shapes,
+    their measured bits/weight, and the format's own ``config_fields``."""
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from qat.export.folder import WEIGHTS_FILE, check_finite
+
+    check_finite(state)
+    shapes = {n: [m.out_features, m.in_features] for n, m in quantized_layers(model).items()}
+    config = {"model_type": model_type, "format_version": 1, "quant": asdict(model_quant(model)),
+              "base_config": model.config.to_dict(), "linear_shapes": shapes,
+              "bits_per_linear_weight": linear_bits_per_weight(state, shapes), **config_fields}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def rebuild_qat_model(folder: Path, model_type: str, fmt: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model a qat-only safetensors export describes (its layers converted as trained, fp32) and the tensors of
+    its ``model.safetensors``; the format turns its packed tensors into weights, then :func:`load_rebuilt_state`.
+
+    Raises:
+        ExportError: the folder is not an export of that format.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.export.folder import WEIGHTS_FILE
+    from qat.nn.convert import convert_to_qat
+
+    config = read_qat_config(folder, model_type, fmt)
+    base = dict(config["base_config"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(base.pop("model_type"), **base),
+                                             dtype=torch.float32)
+    convert_to_qat(model, QuantConfig(**config["quant"]))
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), framework="pt") as f:
+        state = {key: f.get_tensor(key) for key in f.keys()}
+    return model, state
+
+
+def load_rebuilt_state(folder: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``model`` with ``state`` loaded (every key matched; a tied head re-tied), in eval mode.
+
+    Raises:
+        ExportError: the tensors do not match the model the config describes.
+    """
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ExportError(f"{folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()

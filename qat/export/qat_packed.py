@@ -15,26 +15,21 @@ Alpha is stored rather than alpha / m because the loader gives the layer that ex
 computes the same ``codes * (alpha / m)`` bit for bit.
 """
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from qat.errors import ExportError
 from qat.export.exporter import (
     ExportFormat,
-    linear_bits_per_weight,
+    load_rebuilt_state,
     measured_bits_per_weight,
-    model_quant,
     model_scheme,
-    read_qat_config,
+    rebuild_qat_model,
+    write_qat_folder,
 )
-from qat.export.folder import WEIGHTS_FILE, check_finite
-from qat.nn.config import QuantConfig
+from qat.export.folder import WEIGHTS_FILE
 from qat.nn.paretoq_linear import ParetoQLinear
 from qat.nn.quantized import quantized_layers
 from qat.nn.schemes import get_scheme
@@ -93,19 +88,12 @@ def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def write(model: nn.Module, folder: Path, dtype: str) -> None:
     """model.safetensors + config.json; every unpacked tensor is fp32 (``--dtype`` does not apply)."""
-    state = packed_state_dict(model)
-    check_finite(state)
     scheme = model_scheme(model)
     layers = quantized_layers(model)
-    shapes = {n: [m.out_features, m.in_features] for n, m in layers.items()}
-    config = {"model_type": PACKED_MODEL_TYPE, "format_version": 1, "quant": asdict(model_quant(model)),
-              "scheme": scheme.name, "levels": list(scheme.levels), "code_bits": code_bits(scheme.levels),
-              "code_multiplier": next(iter(layers.values())).grid.code_multiplier,
-              "base_config": model.config.to_dict(), "linear_shapes": shapes,
-              "layer_schemes": {n: m.quant.weight for n, m in layers.items()},
-              "bits_per_linear_weight": linear_bits_per_weight(state, shapes)}
-    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    write_qat_folder(model, folder, packed_state_dict(model), PACKED_MODEL_TYPE, scheme=scheme.name,
+                     levels=list(scheme.levels), code_bits=code_bits(scheme.levels),
+                     code_multiplier=next(iter(layers.values())).grid.code_multiplier,
+                     layer_schemes={n: m.quant.weight for n, m in layers.items()})
 
 
 def file_bits_per_weight(folder: Path) -> float:
@@ -122,19 +110,9 @@ def load_packed_export(folder: str | Path) -> torch.nn.Module:
     Raises:
         ExportError: the folder is not a qat-packed export or does not match its config.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qat.nn.convert import convert_to_qat
-
     folder = Path(folder)
-    config = read_qat_config(folder, PACKED_MODEL_TYPE, "qat-packed")
-    base = dict(config["base_config"])
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(base.pop("model_type"), **base),
-                                             dtype=torch.float32)
-    convert_to_qat(model, QuantConfig(**config["quant"]))
+    model, state = rebuild_qat_model(folder, PACKED_MODEL_TYPE, "qat-packed")
     layers = quantized_layers(model)
-    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
-        state = {key: f.get_tensor(key) for key in f.keys()}
     for owner, layer in layers.items():
         levels = layer_levels(layer)
         bits = code_bits(levels)
@@ -150,13 +128,7 @@ def load_packed_export(folder: str | Path) -> torch.nn.Module:
         rows, groups = layer.alpha_shape
         scale = (alpha.reshape(rows, groups, 1) / layer.grid.code_multiplier)
         state[owner + ".weight"] = (codes.reshape(rows, groups, -1) * scale).reshape(codes.shape)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ExportError(f"{folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+    return load_rebuilt_state(folder, model, state)
 
 
 FORMAT = ExportFormat(

@@ -11,7 +11,7 @@ from torch import nn
 from qat.errors import RecipeError
 from qat.nn.config import QuantConfig
 from qat.nn.quantized import QuantizedLinear
-from qat.quant import absmax_int8_per_token, dequantize, straight_through
+from qat.quant import absmax_int8_per_token, dequantize, fake_quantize_int8_per_token, straight_through
 
 
 class BitLinear(QuantizedLinear):
@@ -49,10 +49,7 @@ class BitLinear(QuantizedLinear):
             x = self.rms_norm(x)
         if self.quant.activation == "none":
             return x
-        # Quantize in fp32: under bf16 autocast the product x * scale would lose the integer grid.
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        codes, scale = absmax_int8_per_token(x32)
-        return straight_through(x32, codes / scale).to(x.dtype)
+        return fake_quantize_int8_per_token(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and self.quant.activation != "none" and self.quant.granularity != "group":

@@ -15,7 +15,7 @@ from torch import nn
 from qat.errors import RecipeError
 from qat.nn.config import QuantConfig
 from qat.nn.quantized import QuantizedLinear
-from qat.quant import absmax_int8_per_token, straight_through
+from qat.quant import fake_quantize_int8_per_token
 from qat.quant.paretoq import PARETOQ_GRIDS, ParetoQGrid, paretoq_codes, paretoq_init_alpha, paretoq_quantize
 
 SCHEME_PREFIX = "paretoq_"
@@ -76,10 +76,7 @@ class ParetoQLinear(QuantizedLinear):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant.activation == "none":
             return x
-        # In fp32: under bf16 autocast the product x * scale would lose the integer grid.
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        codes, scale = absmax_int8_per_token(x32)
-        return straight_through(x32, codes / scale).to(x.dtype)
+        return fake_quantize_int8_per_token(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self.fake_quantized_weight().to(x.dtype), self.bias)
