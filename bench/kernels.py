@@ -82,10 +82,19 @@ def interleaved_best_seconds(calls: dict, reps: int) -> dict:
     return best
 
 
-def memory_read_gbps(nbytes: int, reps: int) -> float:
-    """Read bandwidth of a buffer far larger than the cache (torch sum over int64s, all threads)."""
+def memory_read_gbps(llc: int, reps: int) -> dict:
+    """Read bandwidth from memory, all threads, two ways: a torch sum over int64s of a buffer 4x the last-level cache,
+    and torch's fp32 GEMV (one token, weights rotating over copies filling 2x the cache), which on some CPUs reads
+    faster than the sum (30 vs 23 GB/s on a Sapphire Rapids class VM); the roofline is the faster of the two."""
+    nbytes = max(4 * llc, 1 << 30)
     buf = torch.ones(nbytes // 8, dtype=torch.int64)
-    return nbytes / best_seconds(lambda: buf.sum(), max(5, reps // 3)) / 1e9
+    summed = nbytes / best_seconds(buf.sum, max(5, reps // 3)) / 1e9
+    buf = None
+    k = n = 4096
+    weights = Rotation(lambda _: torch.randn(n, k), 4 * n * k, 2 * llc, resident=False)
+    x = torch.randn(1, k)
+    gemv = 4 * n * k / best_seconds(lambda: F.linear(x, weights.next()), max(10, reps)) / 1e9
+    return {"sum": summed, "fp32 GEMV": gemv, "roofline": max(summed, gemv)}
 
 
 class Rotation:
@@ -313,6 +322,33 @@ def llamacpp_runner(gguf_file: Path, threads: int, n_ctx: int):
     return run, llm
 
 
+def teacher_forced_logits(decoder, llm, seq: torch.Tensor, prompt_len: int) -> dict:
+    """Both runtimes' next-token logits at every generated position of ``seq`` (1, T), each fed the same ids (teacher
+    forcing, so one flipped argmax does not derail the rest as in free-running greedy decode): argmax agreement,
+    max |difference| relative to the largest |logit|, and the median top-1 - top-2 margin of qat's logits next to
+    the median |difference| of the top-1 logit (near-ties are the positions where the margin is below it)."""
+    import llama_cpp
+    import numpy as np
+
+    vocab = llm.n_vocab()
+    decoder.reset(seq.shape[1])
+    ours = decoder.forward(seq)[0, prompt_len - 1:-1].float()              # (new, vocab)
+    llm.reset()
+    llm.eval(seq[0, :prompt_len].tolist())
+    theirs = []
+    for i in range(prompt_len, seq.shape[1]):
+        theirs.append(torch.from_numpy(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx),
+                                                             shape=(vocab,)).copy()))
+        if i + 1 < seq.shape[1]:
+            llm.eval([int(seq[0, i])])
+    theirs = torch.stack(theirs)[:, :ours.shape[1]]
+    top2 = ours.topk(2, dim=-1).values
+    top1_diff = (ours.max(-1).values - theirs.gather(1, ours.argmax(-1, keepdim=True))[:, 0]).abs()
+    return {"agree": int((ours.argmax(-1) == theirs.argmax(-1)).sum()), "positions": ours.shape[0],
+            "max_rel": float((ours - theirs).abs().max() / ours.abs().max()),
+            "median_margin": float((top2[:, 0] - top2[:, 1]).median()), "median_top1_diff": float(top1_diff.median())}
+
+
 def cpu_description() -> str:
     """The CPU model name and the SIMD flags the kernel paths choose between, from /proc/cpuinfo."""
     try:
@@ -366,11 +402,12 @@ def end_to_end(name: str, new_tokens: int, threads: int) -> None:
         params = sum(p.numel() for p in dense.parameters())
         runners = {"HF fp32": hf_runner(dense), **runners}
         tokens_per_s = decode_tokens_per_second(runners, prompt, new_tokens)
-        same = None
+        same = forced = None
         if "llama.cpp TQ2_0" in runners:
             with torch.no_grad():
-                same = (runners["packed ternary, qat decoder"](prompt, new_tokens)
-                        == runners["llama.cpp TQ2_0"](prompt, new_tokens))[0, prompt.shape[1]:]
+                ours = runners["packed ternary, qat decoder"](prompt, new_tokens)
+                same = (ours == runners["llama.cpp TQ2_0"](prompt, new_tokens))[0, prompt.shape[1]:]
+                forced = teacher_forced_logits(decoders["ternary"], llamas[0], ours, prompt.shape[1])
         for llm in llamas:
             llm.close()
     print(f"\nEnd-to-end greedy decode, BitNet {name} in the llama.cpp recipe's form (tied embeddings, SiLU-gated "
@@ -388,6 +425,11 @@ def end_to_end(name: str, new_tokens: int, threads: int) -> None:
         print(f"Greedy tokens, qat ternary decoder vs llama.cpp TQ2_0: {int(same.sum())} of {len(same)} equal, the "
               f"first {first_differ} in a row (llama.cpp rounds scales to fp16 and activations to Q8_K blocks, so "
               "near-tied logits of a random model can flip)")
+        print(f"Same ids fed to both (teacher forcing, qat's greedy sequence): next-token argmax equal at "
+              f"{forced['agree']} of {forced['positions']} positions; max |logit difference| "
+              f"{forced['max_rel']:.2e} of the largest |logit|; median top-1 - top-2 margin "
+              f"{forced['median_margin']:.4f} "
+              f"vs median top-1 logit difference {forced['median_top1_diff']:.4f}")
     print("One decode step of the qat decoder, ms (parts timed alone, best of 20):")
     print("| model | step | packed matmuls | head (norm + lm_head: fp32, or Q8_0 for int8 head) | rest |\n"
           "|---|---|---|---|---|")
@@ -412,12 +454,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     llc = last_level_cache_bytes()
-    read_gbps = memory_read_gbps(max(4 * llc, 1 << 30), args.reps)
     print(cpu_description())
     print(f"torch {torch.__version__}, {args.threads} threads, kernel path {selected_path()}, last-level cache "
-          f"{llc / 2**20:.0f} MiB, streamed sets rotate over >= {2 * llc / 2**20:.0f} MiB, "
-          f"memory read bandwidth {read_gbps:.1f} GB/s")
+          f"{llc / 2**20:.0f} MiB, streamed sets rotate over >= {2 * llc / 2**20:.0f} MiB")
     if not args.skip_kernels:
+        read = memory_read_gbps(llc, args.reps)
+        read_gbps = read["roofline"]
+        print(f"Memory read bandwidth {read_gbps:.1f} GB/s: the faster of torch sum {read['sum']:.1f} and torch fp32 "
+              f"GEMV {read['fp32 GEMV']:.1f} (the % columns divide by it)")
         try:
             shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         except ValueError:

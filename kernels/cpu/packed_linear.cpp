@@ -18,7 +18,8 @@
 // once for the division, identically in every path.
 //
 // Paths (chosen at run time, forced by name from Python via QAT_KERNEL_PATH): "avx512_vnni" (decode, 1 token:
-// ternary vpdpbusd on 64-byte blocks, binary the AVX2 table lookup, both memory-bound; from kGemmMinTokens tokens
+// ternary vpdpbusd on 64-byte blocks without shifts, binary the table lookup by vpermb where the CPU has VBMI
+// (else AVX2's), both reading several rows (tiles) far apart at once to keep the memory busy; from kGemmMinTokens tokens
 // on, a VNNI GEMM: rows unpacked once to bytes in L1/L2, a 4-row x 6-token register tile of vpdpbusd; on CPUs with
 // AMX-INT8, from kIntMmMinTokens tokens on, unpack to int8 and at::_int_mm, i.e. oneDNN on AMX tiles), "avx2"
 // (ternary: vpmaddubsw + vpmaddwd; binary: table lookup), "portable" (plain C++ over the layouts' definition). AVX2
@@ -35,6 +36,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -65,6 +67,47 @@ struct Activations {
   std::vector<float> scales;   // 127 / max|x| per token
 };
 
+// Round half to even like torch.round: adding and subtracting 1.5 * 2^23 leaves the rounded value (exact for
+// |v| < 2^22; here |v| <= ~127.5), and unlike nearbyint it vectorizes without SSE4.1.
+constexpr float kRoundMagic = 12582912.0f;
+
+#ifdef QAT_X86
+// One fp32 token on AVX2: the scalar loop's operations, in its order and NaN handling (a NaN input is skipped by
+// the max, as std::max(part, |x|) skips it, and clamps to -128), 8 lanes at a time: the scalar loop ran at
+// ~1.5 ns per value, ~6 us of a 4096-wide decode matmul.
+__attribute__((target("avx2,fma"))) float quantize_row_avx2(const float* row, int64_t k, int8_t* out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(row + i)), m);
+  alignas(32) float part[8];
+  _mm256_store_ps(part, m);
+  float amax = 0.f;
+  for (float v : part) amax = std::max(amax, v);
+  for (; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
+  const float scale = (1.0f / std::max(amax, 1e-5f)) * 127.0f;
+  const __m256 vs = _mm256_set1_ps(scale), magic = _mm256_set1_ps(kRoundMagic);
+  const __m256 lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (i = 0; i + 32 <= k; i += 32) {
+    __m256i c[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + i + 8 * j), vs);
+      const __m256 r = _mm256_sub_ps(_mm256_add_ps(v, magic), magic);
+      c[j] = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    }
+    // packs work per 128-bit lane: [c0 0-3, c1 0-3, c2 0-3, c3 0-3 | c0 4-7, ...]; the permute restores order.
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  for (; i < k; ++i) {
+    const float c = (row[i] * scale + kRoundMagic) - kRoundMagic;
+    out[i] = static_cast<int8_t>(std::min(127.f, std::max(-128.f, c)));
+  }
+  return scale;
+}
+#endif
+
 template <typename scalar_t>
 void quantize_tokens(const scalar_t* x, int64_t tokens, int64_t k, int64_t padded_k, Activations& a) {
   a.codes.assign(tokens * padded_k, 0);
@@ -72,6 +115,15 @@ void quantize_tokens(const scalar_t* x, int64_t tokens, int64_t k, int64_t padde
   at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* row = x + t * k;
+#ifdef QAT_X86
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        if (avx2) {
+          a.scales[t] = quantize_row_avx2(row, k, a.codes.data() + t * padded_k);
+          continue;
+        }
+      }
+#endif
       // 8 partial maxima (max is exact in any order) so the loop vectorizes instead of one serial maxss chain.
       float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       int64_t i = 0;
@@ -84,10 +136,8 @@ void quantize_tokens(const scalar_t* x, int64_t tokens, int64_t k, int64_t padde
       const float scale = (1.0f / std::max(amax, 1e-5f)) * 127.0f;
       int8_t* out = a.codes.data() + t * padded_k;
       for (i = 0; i < k; ++i) {
-        // Round half to even like torch.round: adding and subtracting 1.5 * 2^23 leaves the rounded value (exact
-        // for |v| < 2^22; here |v| <= ~127.5), and unlike nearbyint it vectorizes without SSE4.1.
         const float v = static_cast<float>(row[i]) * scale;
-        float c = (v + 12582912.0f) - 12582912.0f;
+        float c = (v + kRoundMagic) - kRoundMagic;
         c = std::min(127.f, std::max(-128.f, c));
         out[i] = static_cast<int8_t>(c);
       }
@@ -343,55 +393,63 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline voi
   }
 }
 
-// vpdpbusd multiplies u8 weights by s8 activations and adds groups of 4 straight into int32 lanes.
-template <int RR, int TT>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_ternary_avx512(const Problem& p,
-                                                                               const int32_t* xsums, int64_t n0,
-                                                                               int64_t t0) {
+// Ternary decode on AVX-512 VNNI (RR rows x 1 token) without shifts: plane i of a byte is `w & (3 << 2i)`, i.e.
+// q << 2i, which vpdpbusd multiplies as is into plane i's own accumulator; at the group's end the accumulators are
+// shifted back (exact: every product of plane i is a multiple of 4^i). Shifts and vpdpbusd both issue on port 0 of
+// Intel's AVX-512 cores, so dropping the shift leaves vpdpbusd (port 0) and the mask (ports 0/5): ~1.6x the
+// shift + mask form's rate, which was below the memory's. Bounds: a plane-3 lane gains <= 4 * 128 * 128 = 2^16 per
+// block, so int32 holds any in_features below 2^15 blocks (8.4M).
+//
+// The RR rows of a tile are `spread` rows apart (a quarter of the thread's rows): each thread then reads RR
+// sequential streams in different pages, which the L2 streamer follows in parallel, where RR adjacent rows share
+// one 4 KiB page and one stream (27.7 vs 24 GB/s read on 2 cores of a Sapphire Rapids class VM). Each stream is
+// prefetched kDecodePrefetchRows rows ahead.
+constexpr int64_t kDecodePrefetchRows = 2;
+
+template <int RR>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void decode_ternary_avx512(const Problem& p,
+                                                                                 const int32_t* xsums, int64_t n0,
+                                                                                 int64_t spread, int64_t t) {
   constexpr int planes = 4;
-  const __m512i mask = _mm512_set1_epi8(0x03);
-  const int8_t* x0 = p.act->codes.data() + t0 * p.padded_k;
-  int32_t qx[RR][TT][64];
+  const int8_t* x0 = p.act->codes.data() + t * p.padded_k;
+  __m512i mask[planes];
+  for (int plane = 0; plane < planes; ++plane) mask[plane] = _mm512_set1_epi8(static_cast<char>(3 << (2 * plane)));
+  int32_t qx[RR][1][64];
   for (int64_t g = 0; g < p.groups; ++g) {
-    __m512i acc[RR][TT];
+    __m512i acc[RR][planes];
     for (int r = 0; r < RR; ++r)
-      for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_si512();
+      for (int plane = 0; plane < planes; ++plane) acc[r][plane] = _mm512_setzero_si512();
     for (int64_t b = g * p.blocks_per_group; b < p.group_end(g); ++b) {
       __m512i w[RR];
       for (int r = 0; r < RR; ++r) {
-        const uint8_t* wb = p.w + (n0 + r) * p.row_bytes + b * kBlockBytes;
-        _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * kBlockBytes), _MM_HINT_T0);
+        const uint8_t* wb = p.w + (n0 + r * spread) * p.row_bytes + b * kBlockBytes;
+        _mm_prefetch(reinterpret_cast<const char*>(wb + kDecodePrefetchRows * p.row_bytes), _MM_HINT_T0);
         w[r] = _mm512_loadu_si512(wb);
       }
 #pragma GCC unroll 4
       for (int plane = 0; plane < planes; ++plane) {
-        __m512i q[RR];
-        for (int r = 0; r < RR; ++r) q[r] = _mm512_and_si512(_mm512_srli_epi16(w[r], plane * 2), mask);
-        for (int t = 0; t < TT; ++t) {
-          const __m512i xv = _mm512_loadu_si512(x0 + t * p.padded_k + (b * planes + plane) * kBlockBytes);
-          for (int r = 0; r < RR; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], q[r], xv);
-        }
+        const __m512i xv = _mm512_loadu_si512(x0 + (b * planes + plane) * kBlockBytes);
+        for (int r = 0; r < RR; ++r) dpbusd_avx512(acc[r][plane], _mm512_and_si512(w[r], mask[plane]), xv);
       }
     }
-    // Lane sums, four rows at a time (reduce4_avx512), from the accumulators stored once.
-    alignas(64) int32_t lanes[RR][TT][16];
-    for (int r = 0; r < RR; ++r)
-      for (int t = 0; t < TT; ++t) _mm512_store_si512(lanes[r][t], acc[r][t]);
-    reduce_lanes_avx512<RR, TT>(lanes, qx, g);
+    alignas(64) int32_t lanes[RR][1][16];
+    for (int r = 0; r < RR; ++r) {
+      const __m512i sum = _mm512_add_epi32(
+          _mm512_add_epi32(acc[r][0], _mm512_srai_epi32(acc[r][1], 2)),
+          _mm512_add_epi32(_mm512_srai_epi32(acc[r][2], 4), _mm512_srai_epi32(acc[r][3], 6)));
+      _mm512_store_si512(lanes[r][0], sum);
+    }
+    reduce_lanes_avx512<RR, 1>(lanes, qx, g);
   }
-  for (int r = 0; r < RR; ++r)
-    for (int t = 0; t < TT; ++t) finish_row_unsigned(p, n0 + r, t0 + t, qx[r][t], xsums + (t0 + t) * p.groups);
+  for (int r = 0; r < RR; ++r) finish_row_unsigned(p, n0 + r * spread, t, qx[r][0], xsums + t * p.groups);
 }
 
 template <bool AVX512>
 void ternary_rows_simd(const Problem& p, const int32_t* xsums, int64_t n0, int64_t n1) {
   constexpr int kRowTile = 4;
-  const int64_t tiled_tokens = p.tokens - p.tokens % kTokenTile;
-  if (tiled_tokens > 0 && AVX512) {
-    // Prefill: 1 row x 4 tokens, row-major so a row's blocks stay in L1 across token tiles.
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t t = 0; t < tiled_tokens; t += kTokenTile) tile_ternary_avx512<1, kTokenTile>(p, xsums, n, t);
-  } else if (tiled_tokens > 0) {
+  // avx512_vnni runs 2+ tokens in the GEMM (gemm_ternary_avx512), so here it only decodes.
+  const int64_t tiled_tokens = AVX512 ? 0 : p.tokens - p.tokens % kTokenTile;
+  if (tiled_tokens > 0) {
     std::vector<uint8_t> qrow(p.padded_k);
     for (int64_t n = n0; n < n1; ++n) {
       unpack_ternary_row_avx2(p, n, qrow.data());
@@ -401,8 +459,9 @@ void ternary_rows_simd(const Problem& p, const int32_t* xsums, int64_t n0, int64
   for (int64_t t = tiled_tokens; t < p.tokens; ++t) {     // decode and token tails: 4 rows x 1 token
     int64_t n = n0;
     if constexpr (AVX512) {
-      for (; n + kRowTile <= n1; n += kRowTile) tile_ternary_avx512<kRowTile, 1>(p, xsums, n, t);
-      for (; n < n1; ++n) tile_ternary_avx512<1, 1>(p, xsums, n, t);
+      const int64_t spread = (n1 - n0) / kRowTile;
+      for (; n < n0 + spread; ++n) decode_ternary_avx512<kRowTile>(p, xsums, n, spread, t);
+      for (n = n0 + kRowTile * spread; n < n1; ++n) decode_ternary_avx512<1>(p, xsums, n, 0, t);
     } else {
       for (; n + kRowTile <= n1; n += kRowTile) decode_ternary_avx2<kRowTile>(p, xsums, n, t);
       for (; n < n1; ++n) decode_ternary_avx2<1>(p, xsums, n, t);
@@ -496,6 +555,75 @@ __attribute__((target("avx2,fma"))) void lut_tile_avx2(const Problem& p, const u
       for (int64_t g = 0; g < p.groups; ++g) row_dots[g] = dots[t][g][r];
       finish_row(p, tile * kBinaryTile + r, t0 + t, row_dots);
     }
+}
+
+// Binary decode (1 token) on AVX-512 VBMI: the same tables, looked up by vpermb, which indexes a whole 64-byte
+// register, i.e. both groups' low and high bytes of one input byte c (the table layout per c). Each row's byte is
+// doubled into a 16-bit lane (one vpermb), its low nibble picks the low then the high byte of the even group's sum
+// (indices n and 16 + n; one vpternlogd), its high nibble those of the odd group (32 + n, 48 + n; a shift and one
+// vpternlogd), so one vpermb per group gives the 32 rows' int16 sums in place, without the AVX2 path's split
+// lookups and unpacks: 3 shuffle-port uops per 256 weights instead of 8 (the shuffle port bounds both).
+// TILES tiles `spread` tiles apart run together: they share the table loads and read TILES sequential streams.
+// Sums stay in tile position order (word j = position j); the epilogue maps rows to positions.
+template <int TILES>
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void lut_tiles_vbmi(const Problem& p, const uint8_t* lut,
+                                                                          int64_t tile0, int64_t spread, int64_t t) {
+  alignas(64) uint8_t dup_bytes[64];
+  for (int j = 0; j < 64; ++j) dup_bytes[j] = static_cast<uint8_t>(j / 2);
+  const __m512i dup = _mm512_load_si512(dup_bytes);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i even_sel = _mm512_set1_epi16(0x1000), odd_sel = _mm512_set1_epi16(0x3020);
+  const uint8_t* w[TILES];
+  for (int i = 0; i < TILES; ++i) w[i] = p.w + (tile0 + i * spread) * p.row_bytes * kBinaryTile;
+  alignas(64) int32_t dots[TILES][64][kBinaryTile];   // per tile, per group, per position
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512i acc[TILES][2];   // int32: positions 0-15, 16-31
+    for (int i = 0; i < TILES; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+    const int64_t c_end = p.group_end(g) * kBlockBytes;
+    for (int64_t c0 = g * p.blocks_per_group * kBlockBytes; c0 < c_end; c0 += kLutChunk) {
+      __m512i even[TILES], odd[TILES];   // int16 sums of the even / odd groups, <= 32 entries each
+      for (int i = 0; i < TILES; ++i) even[i] = odd[i] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+      for (int64_t c = c0; c < c0 + kLutChunk; ++c) {
+        const __m512i table = _mm512_loadu_si512(lut + 2 * c * kLutBytes);
+        for (int i = 0; i < TILES; ++i) {
+          if ((c & 1) == 0)   // one prefetch per 64-byte line
+            _mm_prefetch(reinterpret_cast<const char*>(w[i] + c * kBinaryTile + kBinaryPrefetchBytes), _MM_HINT_T0);
+          const __m512i pairs = _mm512_permutexvar_epi8(
+              dup, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * kBinaryTile))));
+          const __m512i idx_even = _mm512_ternarylogic_epi32(pairs, nibble, even_sel, 0xEA);   // (a & b) | c
+          const __m512i idx_odd = _mm512_ternarylogic_epi32(_mm512_srli_epi16(pairs, 4), nibble, odd_sel, 0xEA);
+          even[i] = _mm512_add_epi16(even[i], _mm512_permutexvar_epi8(idx_even, table));
+          odd[i] = _mm512_add_epi16(odd[i], _mm512_permutexvar_epi8(idx_odd, table));
+        }
+      }
+      for (int i = 0; i < TILES; ++i)
+        for (const __m512i& sums : {even[i], odd[i]}) {
+          acc[i][0] = _mm512_add_epi32(acc[i][0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(sums)));
+          acc[i][1] = _mm512_add_epi32(acc[i][1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(sums, 1)));
+        }
+    }
+    for (int i = 0; i < TILES; ++i) {
+      _mm512_store_si512(dots[i][g], acc[i][0]);
+      _mm512_store_si512(dots[i][g] + 16, acc[i][1]);
+    }
+  }
+  int32_t row_dots[64];
+  for (int i = 0; i < TILES; ++i) {
+    const int64_t tile = tile0 + i * spread;
+    for (int64_t r = 0; r < kBinaryTile && tile * kBinaryTile + r < p.rows; ++r) {
+      for (int64_t g = 0; g < p.groups; ++g) row_dots[g] = dots[i][g][binary_tile_pos(r)];
+      finish_row(p, tile * kBinaryTile + r, t, row_dots);
+    }
+  }
+}
+
+// Binary decode tiles [tile0, tile1) on AVX-512 VBMI, kSpreadTiles tiles (spread over the range) at a time.
+constexpr int kSpreadTiles = 4;
+void binary_tiles_vbmi(const Problem& p, const uint8_t* luts, int64_t tile0, int64_t tile1) {
+  const int64_t spread = (tile1 - tile0) / kSpreadTiles;
+  for (int64_t tile = tile0; tile < tile0 + spread; ++tile) lut_tiles_vbmi<kSpreadTiles>(p, luts, tile, spread, 0);
+  for (int64_t tile = tile0 + kSpreadTiles * spread; tile < tile1; ++tile) lut_tiles_vbmi<1>(p, luts, tile, 0, 0);
 }
 
 // Binary tiles [tile0, tile1). `luts` holds the tables of the tokens from first_lut_token on.
@@ -829,8 +957,9 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
       if (binary) return gemm_binary_avx512(p, xs, u0, u1);
       return gemm_ternary_avx512(p, xs, u0, u1);
     }
+    if (binary && path == "avx512_vnni" && p.tokens == 1 && cpu_has_vbmi()) return binary_tiles_vbmi(p, luts.data(), u0, u1);
     if (binary && path != "portable") {
-      binary_tiles_avx2(p, xs, luts.data(), u0, u1);   // also on avx512_vnni CPUs (see the header)
+      binary_tiles_avx2(p, xs, luts.data(), u0, u1);
       return;
     }
     if (path == "avx512_vnni") return ternary_rows_simd<true>(p, xs, u0, u1);

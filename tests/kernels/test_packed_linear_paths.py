@@ -28,7 +28,10 @@ pytestmark = pytest.mark.kernels
 # int8-GEMM batch (32, avx512_vnni with AMX only), per-group scales on block multiples. avx512_vnni's GEMM (2+ tokens)
 # splits tokens into near-equal tiles of <= 6 (7 -> 4 + 3, 8 -> 4 + 4, 13 -> 5 + 4 + 4, 64 -> 9 x 6 + 2 x 5) and rows
 # into 4-row register tiles plus single rows, unpacked rows padded off 4 KiB strides (in_features 4096, 8192).
-SHAPES = [(1, 1, 1, 1), (1, 7, 300, 1), (3, 33, 1000, 1), (5, 16, 1024, 2), (9, 65, 517, 1), (40, 24, 700, 1),
+# Decode (1 token) splits each thread's rows into 4 spread streams (ternary) or 4 spread 32-row tiles (binary, AVX-512
+# VBMI) plus leftovers: 130 / 293 rows, per-group scales.
+SHAPES = [(1, 1, 1, 1), (1, 7, 300, 1), (1, 130, 4096, 1), (1, 293, 1024, 2), (1, 97, 1536, 3), (3, 33, 1000, 1),
+          (5, 16, 1024, 2), (9, 65, 517, 1), (40, 24, 700, 1),
           (33, 19, 1536, 3), (2, 4, 4096, 4), (6, 6, 256, 1), (7, 37, 4096, 1), (8, 35, 1024, 2), (13, 3, 777, 1),
           (64, 70, 1536, 3), (11, 64, 8192, 16)]
 
@@ -183,3 +186,20 @@ def test_q8_0_extreme_codes_do_not_overflow(forced_path):
     y = q8_0_linear(x, qweight, scale, k)
     expected = torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]]) * 127 * 5 * k
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=0)
+
+
+def test_activation_codes_round_half_to_even_like_torch(forced_path):
+    """The native per-token quantizer (AVX2 fp32 rows, scalar otherwise) rounds ties to even and clamps as torch's
+    ``absmax_int8_per_token``: an identity-like ternary weight (row j = +1 at column j) reads every code back out.
+    Max |x| = 127 makes the scale 1, so x = +-0.5, +-1.5, +-2.5 ... are exact ties; 77 columns put some in the
+    vector loop and some in its tail."""
+    k = 77
+    ties = torch.arange(k, dtype=torch.float32) - 38.5              # -38.5 .. 37.5, every one a tie
+    x = torch.cat([torch.tensor([127.0]), ties[1:]])[None]
+    codes = torch.eye(k, dtype=torch.int8)
+    packed = PACKERS[2](codes)
+    scale = torch.ones(k, 1)
+    y = packed_linear(x, packed, scale, 2, k, k)
+    expected = torch.round(x)                                       # round half to even, scale 1
+    assert torch.equal(y, expected), (y - expected).abs().max()
+    assert torch.equal(y, packed_linear_torch(x, packed, scale, 2, k, k))
