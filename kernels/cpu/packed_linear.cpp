@@ -496,7 +496,7 @@ __attribute__((target("avx2,fma"))) void build_binary_luts_avx2(const int8_t* x,
 // L1 from one token pair to the next. |entry| <= 512, so int16 lanes take 32 entries (kLutChunk bytes) before
 // widening to int32.
 constexpr int64_t kLutChunk = 32;
-constexpr int64_t kBinaryPrefetchBytes = 4096;
+constexpr int64_t kBinaryPrefetchBytes = 2048;
 
 // One 16-byte table in both 128-bit lanes (vpshufb looks up within each lane).
 __attribute__((target("avx2,fma"), always_inline)) inline __m256i broadcast_table(const uint8_t* table) {
@@ -923,7 +923,8 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
   // Part of the avx512_vnni path on CPUs with AMX-INT8: oneDNN's int8 GEMM runs on AMX tiles there. Without AMX
   // it is 5x slower than qat's VNNI GEMM (Sapphire Rapids class, AVX-512 VNNI only), and on AVX2-only CPUs it is
   // a slow reference loop.
-  if (path == "avx512_vnni" && tokens >= kIntMmMinTokens && groups == 1 && cpu_has_amx_int8()) {
+  static const bool amx = cpu_has_amx_int8();   // CPUID traps to the hypervisor in a VM: ask once
+  if (path == "avx512_vnni" && tokens >= kIntMmMinTokens && groups == 1 && amx) {
     // Prefill: compute-bound, so unpack once and let oneDNN's int8 GEMM (AMX/VNNI) do the products.
     at::Tensor w8 = at::empty({rows, padded_k}, packed.options().dtype(at::kChar));
     at::parallel_for(0, units, binary ? 1 : 16, [&](int64_t u0, int64_t u1) {
@@ -951,13 +952,16 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
     });
   }
 #endif
+#ifdef QAT_X86
+  static const bool vbmi = cpu_has_vbmi();
+#endif
   at::parallel_for(0, units, binary ? 1 : 8, [&](int64_t u0, int64_t u1) {
 #ifdef QAT_X86
     if (gemm) {
       if (binary) return gemm_binary_avx512(p, xs, u0, u1);
       return gemm_ternary_avx512(p, xs, u0, u1);
     }
-    if (binary && path == "avx512_vnni" && p.tokens == 1 && cpu_has_vbmi()) return binary_tiles_vbmi(p, luts.data(), u0, u1);
+    if (binary && path == "avx512_vnni" && p.tokens == 1 && vbmi) return binary_tiles_vbmi(p, luts.data(), u0, u1);
     if (binary && path != "portable") {
       binary_tiles_avx2(p, xs, luts.data(), u0, u1);
       return;
