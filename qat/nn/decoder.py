@@ -8,7 +8,9 @@ repeat with identical results), called straight on their kernel. A decode step's
 fixed list of aten calls on preallocated buffers (about 20 per layer, where HF's modules take about 70): RMSNorm in
 3 ops, RoPE as one complex multiply (q/k rows in Meta's pair order), attention as two ``bmm`` and a softmax over the
 cache (GQA without copies); a prompt (several positions) runs ``scaled_dot_product_attention``.
-Logits equal the packed HF model's up to fp32 rounding (``tests/nn/test_decoder.py``).
+Logits equal the packed HF model's to fp32 rounding, which differs in the last bit from HF's modules and so can move
+an int8 activation code that lands at a rounding boundary by one step, as between an fp32 HF export and its QAT
+model (``qat/eval/agreement.py``; ``tests/nn/test_decoder.py``).
 With ``int8_head=True`` the full-precision lm_head runs on a GGML Q8_0 copy of its weight (``Q8_0Linear``): a
 quarter of the bytes a decode step streams for it, at a small perplexity cost (``bench/int8_head_perplexity.py``).
 
@@ -308,6 +310,15 @@ class PackedDecoder:
         if last_only:
             x, residual = x[-1:], residual[-1:]
         return self.lm_head(rms_norm(x, residual, self.final_norm))[None]
+
+    def sequence_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab) of ``ids`` (B, T), each row a sequence of its own from an empty cache: what the
+        packed model's forward returns for an unpadded batch (held-out perplexity in ``qat eval``)."""
+        logits = []
+        for row in ids:
+            self.reset(ids.shape[1])
+            logits.append(self.forward(row[None]))
+        return torch.cat(logits)
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None
                  ) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""``PackedDecoder`` against the packed HF model it reads: equal logits (prefill, then step by step), equal tokens."""
+"""``PackedDecoder`` against the packed HF model it reads: equal logits (prefill, then step by step), equal tokens;
+its RMSNorm and RoPE against HF's modules."""
 
 import copy
 import math
@@ -35,6 +36,19 @@ def packed_bitnet(weight: str, kv_heads: int = 2, seed: int = 0, hidden_act: str
     return pack_model(convert_to_qat(build_model(arch), QuantConfig(weight=weight)).eval(), inplace=True)
 
 
+def assert_logits_match(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal to fp32 rounding. The decoder's norms and attention round differently from HF's modules (in the last
+    bit), and where an int8 activation code lands at a rounding boundary that moves it by one step: then the logits
+    move by up to ~5e-3 in these tiny models (4 of 80 random ones; the others agree to ~3e-7), as between an fp32 HF
+    export and its QAT model (qat/eval/agreement.py). A wiring error moves them by O(max |logit|)."""
+    assert got.shape == want.shape
+    tolerance = 1e-2 * max(1.0, float(want.abs().max()))
+    assert (got - want).abs().max() <= tolerance
+    top2 = want.topk(2, dim=-1).values
+    clear = top2[..., 0] - top2[..., 1] > 2 * tolerance
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+
+
 @pytest.mark.parametrize("weight", ["absmean_ternary", "absmean_binary"])
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_logits_equal_the_packed_hf_models(weight, kv_heads):
@@ -45,9 +59,7 @@ def test_logits_equal_the_packed_hf_models(weight, kv_heads):
     decoder = PackedDecoder(model)
     decoder.reset(12)
     got = torch.cat([decoder.forward(ids[:, :5])] + [decoder.forward(ids[:, i:i + 1]) for i in range(5, 12)], dim=1)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+    assert_logits_match(got, want)
 
 
 @pytest.mark.parametrize("hidden_act", [None, "silu"])
@@ -65,8 +77,7 @@ def test_logits_equal_the_packed_hf_models_fed_in_chunks(kv_heads, hidden_act):
     for tokens in (4, 3, 1, 2, 1, 3):
         got.append(decoder.forward(ids[:, start:start + tokens]))
         start += tokens
-    got = torch.cat(got, dim=1)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_logits_match(torch.cat(got, dim=1), want)
 
 
 def test_logits_equal_the_packed_hf_models_on_the_torch_kernel_path(monkeypatch):
@@ -78,7 +89,7 @@ def test_logits_equal_the_packed_hf_models_on_the_torch_kernel_path(monkeypatch)
     decoder = PackedDecoder(model)
     decoder.reset(8)
     got = torch.cat([decoder.forward(ids[:, :5])] + [decoder.forward(ids[:, i:i + 1]) for i in (5, 6, 7)], dim=1)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_logits_match(got, want)
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
@@ -131,6 +142,14 @@ def test_greedy_tokens_equal_hf_generate(weight):
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(PackedDecoder(model).generate(prompt, 10, eos_token_id=[]), want)
+
+
+def test_sequence_logits_are_the_packed_models_logits_of_a_batch():
+    model = packed_bitnet("absmean_ternary", hidden_act="silu")
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert_logits_match(PackedDecoder(model).sequence_logits(ids), want)
 
 
 def test_last_only_logits_are_the_last_position_of_the_full_logits():
