@@ -234,26 +234,30 @@ def hf_runner(model):
 
 def decode_step_breakdown(decoder, reps: int = 20) -> dict:
     """Milliseconds of one decode step of ``decoder`` (a ``PackedDecoder`` after a 16-token prompt), and of its parts
-    run alone on same-shaped inputs: the packed matmuls (fused q/k/v, o, fused gate/up, down of every layer), the
+    run alone on same-shaped inputs: the packed matmuls (fused q/k/v, o, fused up/gate, down of every layer), the
     full-precision head (final norm + lm_head); the rest (norms, RoPE, attention, cache, Python) is the difference."""
+    from qat.nn.decoder import rms_norm  # here: transformers imports a module named ``kernels`` (this file's name)
+
     hidden = decoder.config.hidden_size
     token = torch.zeros(1, 1, dtype=torch.long)
-    x = torch.randn(1, 1, hidden)
-    inner = torch.randn(1, 1, decoder.config.intermediate_size)
+    buf = decoder.step_buffers
+    x = torch.randn(1, hidden)
+    inner = torch.randn(1, decoder.config.intermediate_size)
+    residual = torch.cat((x, buf.residual[:, -1:]), dim=-1)
 
     def step():
-        decoder.reset(17)
-        decoder.length = 16
+        decoder.length = 16   # the cache's contents do not change the time
         decoder.forward(token)
 
-    def packed():
-        for block in decoder.blocks:
-            block.qkv(x), block.o_proj(x), block.gate_up(x), block.down_proj(inner)
+    def packed():   # as the decoder calls them: bound to their kernel (``bind_packed_linear``)
+        for layer in decoder.layers:
+            layer.qkv(x, buf.qkv), layer.o_proj(x, buf.o)
+            layer.up_gate(x, buf.up_gate), layer.down_proj(inner, buf.down)
 
     with torch.no_grad():
         decoder.reset(17)
         total, matmuls = best_seconds(step, reps), best_seconds(packed, reps)
-        head = best_seconds(lambda: decoder.lm_head(decoder.norm(x)), reps)
+        head = best_seconds(lambda: decoder.lm_head(rms_norm(x, residual, decoder.final_norm)), reps)
     return {"step": total * 1e3, "packed matmuls": matmuls * 1e3, "head": head * 1e3,
             "rest": (total - matmuls - head) * 1e3}
 

@@ -3,6 +3,7 @@ training checkpoint it came from, and a check that the two compute the same mode
 evaluation suite (corpora, probes, reference agreement) and, with ``--lm_eval_tasks``, lm-eval tasks."""
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -83,7 +84,8 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8, suite: bool = 
     An export is checked first: every file against the SHA-256 in its manifest, then its logits against its
     source checkpoint's (when present) on the first batch of held-out blocks; a disagreement beyond the tolerance
     of its storage precision (:data:`qat.eval.agreement.AGREEMENT_TOLERANCES`) is an error, raised before the
-    held-out evaluation, once eval.json holds the agreement.
+    held-out evaluation, once eval.json holds the agreement. An export whose format runs on qat's packed kernels is
+    also scored on them (``packed_kernels``), through qat's packed decoder as `qat generate` runs it.
 
     Args:
         path: an exported folder (from `qat export`; its source checkpoint is evaluated too when present) or a
@@ -169,12 +171,7 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8, suite: bool = 
         results["exported"] = heldout_metrics(lambda ids: exported(input_ids=ids).logits, blocks, batch_size, bpt,
                                               desc="eval exported")
         if fmt.packed_kernels:
-            # The same export on qat's packed kernels (what `qat generate` runs).
-            from qat.nn.packed_linear import pack_model
-
-            packed = pack_model(exported)
-            results["packed_kernels"] = heldout_metrics(lambda ids: packed(input_ids=ids).logits, blocks, batch_size,
-                                                        bpt, desc="eval packed kernels")
+            results["packed_kernels"] = _packed_kernels_metrics(exported, blocks, batch_size, bpt)
         (export_dir / EVAL_FILE).write_text(json.dumps(results, indent=2))
         name = (manifest.get("provenance") or {}).get("run_name") or export_dir.name
         (export_dir / CARD_FILE).write_text(render_model_card(name, manifest, results))
@@ -183,6 +180,23 @@ def evaluate(path: str, max_blocks: int = 0, batch_size: int = 8, suite: bool = 
     if "suite_table" in results:
         print(results["suite_table"])
     return results
+
+
+def _packed_kernels_metrics(exported: torch.nn.Module, blocks, batch_size: int, bytes_per_token: float) -> dict:
+    """Held-out metrics of ``exported`` on qat's packed kernels, computed as `qat generate` runs it: through qat's
+    ``PackedDecoder`` (its logits equal the packed model's), or the packed HF model's forward for a model the decoder
+    does not run. ``runtime`` says which."""
+    from qat.nn.decoder import DecoderError, PackedDecoder
+    from qat.nn.packed_linear import pack_model
+
+    packed = pack_model(exported)
+    try:
+        logits_fn, runtime = PackedDecoder(packed).sequence_logits, "qat decoder"
+    except DecoderError as err:
+        print(f"[qat] evaluating the packed kernels with the HF forward: {err}", file=sys.stderr)
+        logits_fn, runtime = (lambda ids: packed(input_ids=ids).logits), "HF forward"
+    metrics = heldout_metrics(logits_fn, blocks, batch_size, bytes_per_token, desc="eval packed kernels")
+    return {**metrics, "runtime": runtime}
 
 
 def _suite(model: torch.nn.Module, data, config: SuiteConfig, reference: Optional[str]) -> dict:

@@ -10,6 +10,7 @@ forces a CPU path (tests run each in turn); ``auto`` or unset picks the fastest 
 
 import functools
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,12 @@ def packed_linear_torch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
     return y.to(x.dtype).reshape(*x.shape[:-1], rows)
 
 
+def _native_groups(scale: torch.Tensor, bits: int, group_size: int) -> bool:
+    # The native kernels apply group scales at block boundaries; other group sizes take the fallback.
+    groups = scale.shape[1]
+    return groups == 1 or (group_size % values_per_block(bits) == 0 and groups <= MAX_NATIVE_GROUPS)
+
+
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int,
                   group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` (..., in_features) float -> (..., out_features) in ``x.dtype``.
@@ -127,15 +134,35 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
 
         return packed_linear_triton(x, packed, scale, bits, in_features, group_size)
     path = selected_path()
-    # The native kernels apply group scales at block boundaries; other group sizes take the fallback.
-    groups = scale.shape[1]
-    native_groups = groups == 1 or (group_size % values_per_block(bits) == 0 and groups <= MAX_NATIVE_GROUPS)
-    if path == "torch" or not native_groups:
+    if path == "torch" or not _native_groups(scale, bits, group_size):
         return packed_linear_torch(x, packed, scale, bits, in_features, group_size)
     if out is None:
         return _native_ops().packed_linear(x, packed, scale, bits, in_features, group_size, path)
     _native_ops().packed_linear_out(x, packed, scale, bits, in_features, group_size, path, out)
     return out.to(x.dtype).reshape(*x.shape[:-1], scale.shape[0])
+
+
+def bind_packed_linear(packed: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int, group_size: int
+                       ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(x, out) -> out`` holding ``packed_linear(x, packed, scale, bits, in_features, group_size)``, for CPU ``x``
+    and ``out`` float32 (tokens, out_features), with the kernel path chosen now: the native op itself where
+    ``packed_linear`` would call it, without its per-call dispatch in Python (a few µs, which a decode step pays four
+    times per layer; ``qat.nn.decoder``). A contiguous ``out`` is written in place, a strided view (columns of a
+    wider buffer) through a temporary."""
+    path = selected_path()
+    if path == "torch" or not _native_groups(scale, bits, group_size):
+        def matmul_torch(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            return out.copy_(packed_linear_torch(x, packed, scale, bits, in_features, group_size).view(out.shape))
+        return matmul_torch
+    op, op_out = _native_ops().packed_linear.default, _native_ops().packed_linear_out.default
+
+    def matmul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if out.is_contiguous():
+            op_out(x, packed, scale, bits, in_features, group_size, path, out)
+        else:
+            out.copy_(op(x, packed, scale, bits, in_features, group_size, path).view(out.shape))
+        return out
+    return matmul
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

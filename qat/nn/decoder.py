@@ -1,11 +1,16 @@
 """``PackedDecoder``: greedy decoding of a packed HF ``BitNetForCausalLM`` without HF's per-step machinery.
 
 HF's ``generate`` spends most of a packed model's decode step outside the packed matmuls (dynamic cache objects,
-mask construction, per-layer module dispatch, logits processors). This loop runs the same math over the model's own
-modules and buffers: a static KV cache preallocated for the whole sequence, q/k/v and gate/up fused into one packed
-matmul each (one pass over the packed weights, one int8 quantization of the shared input, which the separate layers
-would each repeat with identical results), RoPE from the model's ``inv_freq``, and ``scaled_dot_product_attention``.
-Logits equal the packed HF model's up to fp32 summation order in attention (``tests/nn/test_decoder.py``).
+mask construction, per-layer module dispatch, logits processors). This loop runs the same math on the model's own
+weights: a static KV cache preallocated for the whole sequence, q/k/v and up/gate fused into one packed matmul each
+(one pass over the packed weights, one int8 quantization of the shared input, which the separate layers would each
+repeat with identical results), called straight on their kernel. A decode step's work between the matmuls is a short
+fixed list of aten calls on preallocated buffers (about 20 per layer, where HF's modules take about 70): RMSNorm in
+3 ops, RoPE as one complex multiply (q/k rows in Meta's pair order), attention as two ``bmm`` and a softmax over the
+cache (GQA without copies); a prompt (several positions) runs ``scaled_dot_product_attention``.
+Logits equal the packed HF model's to fp32 rounding, which differs in the last bit from HF's modules and so can move
+an int8 activation code that lands at a rounding boundary by one step, as between an fp32 HF export and its QAT
+model (``qat/eval/agreement.py``; ``tests/nn/test_decoder.py``).
 With ``int8_head=True`` the full-precision lm_head runs on a GGML Q8_0 copy of its weight (``Q8_0Linear``): a
 quarter of the bytes a decode step streams for it, at a small perplexity cost (``bench/int8_head_perplexity.py``).
 
@@ -16,13 +21,16 @@ Example usage::
     ids = PackedDecoder(model, int8_head=True).generate(prompt_ids, max_new_tokens=32)
 """
 
-from dataclasses import dataclass
+import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import SiLUActivation
 
 from qat.errors import QATError
+from qat.kernels.packed_linear import bind_packed_linear
 from qat.nn.packed_linear import PACKERS, PackedLinear, Q8_0Linear
 
 
@@ -67,28 +75,131 @@ def fuse_packed_linears(layers: list[PackedLinear]) -> PackedLinear:
                         first.group_size, first.activation, bias)
 
 
-@dataclass
-class _Block:
-    """One decoder layer's modules, with q/k/v and gate/up fused."""
-    input_norm: nn.Module
-    qkv: PackedLinear
-    attn_sub_norm: nn.Module
-    o_proj: nn.Module
-    post_norm: nn.Module
-    gate_up: PackedLinear
-    act: nn.Module
-    ffn_sub_norm: nn.Module
-    down_proj: nn.Module
+def rms_norm(x: torch.Tensor, x_and_floor: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """HF's ``BitNetRMSNorm`` over n features, ``w * x / sqrt(mean(x²) + eps)``, computed as
+    ``(w * sqrt(n)) * x / |(x, sqrt(n * eps))|``: ``x_and_floor`` is ``x`` with each row followed by sqrt(n * eps) (the
+    same buffer: ``x`` is a view of its first n columns; ``rms_floor``) and ``weight`` is ``w * sqrt(n)``. The same
+    value to fp32 rounding in 3 aten ops where HF's form takes 7 and ``F.rms_norm``'s composite 10: a decode step
+    runs 4 norms per layer, and each op costs 1.5-4 µs there."""
+    return torch.div(x, torch.linalg.vector_norm(x_and_floor, 2, -1, True)).mul_(weight)
+
+
+def rms_floor(n: int, eps: float) -> float:
+    """The value that follows each row of ``rms_norm``'s ``x_and_floor``: sqrt(n) * sqrt(mean(x²) + eps) =
+    sqrt(sum(x²) + n * eps)."""
+    return math.sqrt(n * eps)
+
+
+def rms_norm_weight(norm: nn.Module) -> torch.Tensor:
+    """``rms_norm``'s ``weight`` for an HF ``BitNetRMSNorm`` over n features: its weight times sqrt(n)."""
+    return norm.weight.detach().float() * math.sqrt(norm.weight.shape[-1])
+
+
+def attention_qkv(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> PackedLinear:
+    """q/k/v of ``attn`` fused into one ``PackedLinear`` (``fuse_packed_linears``) whose output holds, per q and k
+    head, RoPE's pairs (i, i + head_dim / 2) of HF's ``rotate_half`` layout as adjacent values, the pair layout of
+    Meta's LLaMA code (HF's conversion permutes the weight rows the other way): the rotation is then one in-place
+    complex multiply. q and k are permuted alike, so their dot products are unchanged. The q rows' scales carry
+    attention's 1 / sqrt(head_dim) (exact for a power-of-4 ``head_dim``; to fp32 rounding otherwise).
+
+    Raises:
+        DecoderError: as ``fuse_packed_linears``.
+    """
+    fused = fuse_packed_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    pairs = torch.arange(head_dim).view(2, -1).t().reshape(-1)           # 0, d/2, 1, d/2 + 1, ...
+    rope_rows = (torch.arange(heads + kv_heads)[:, None] * head_dim + pairs).reshape(-1)
+    order = torch.cat((rope_rows, torch.arange(len(rope_rows), fused.out_features)))
+    q_rows = heads * head_dim
+    scale = fused.scale[order].clone()
+    scale[:q_rows] *= head_dim ** -0.5
+    bias = None
+    if fused.bias is not None:
+        bias = fused.bias.float()[order].clone()
+        bias[:q_rows] *= head_dim ** -0.5
+    return PackedLinear(fused.in_features, fused.out_features, fused.bits, PACKERS[fused.bits](fused.codes()[order]),
+                        scale, fused.group_size, fused.activation, bias)
+
+
+def rope_table(inv_freq: torch.Tensor, scaling: float, positions: int) -> torch.Tensor:
+    """``cos + i sin`` of every position and frequency, complex (positions, 1, head_dim / 2): RoPE of a head whose
+    pairs are adjacent values (``attention_qkv``) is its complex view times this. As ``BitNetRotaryEmbedding``: fp32
+    angles, cos and sin scaled by its attention scaling."""
+    freqs = torch.arange(positions).float()[:, None] * inv_freq
+    return torch.complex(freqs.cos() * scaling, freqs.sin() * scaling)[:, None]
+
+
+def _bind(layer: PackedLinear) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    matmul = bind_packed_linear(layer.packed, layer.scale, layer.bits, layer.in_features, layer.group_size)
+    if layer.bias is None:
+        return matmul
+    bias = layer.bias.float()
+    return lambda x, out: matmul(x, out).add_(bias)
+
+
+def _activation(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``act`` applied in place (the gate's buffer is the FFN product's)."""
+    if isinstance(act, nn.SiLU | SiLUActivation):
+        return lambda gate: F.silu(gate, inplace=True)
+    return lambda gate: gate.copy_(act(gate))
+
+
+class _Layer(NamedTuple):
+    """One decoder layer, as the forward loop unpacks it: its packed matmuls with q/k/v and up/gate fused
+    (``attention_qkv``, ``fuse_packed_linears``), bound to their kernel (``bind_packed_linear``: ``(x, out) -> out``);
+    its FFN activation, in place; its norms' ``rms_norm`` weights."""
+    qkv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    o_proj: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    up_gate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    down_proj: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    input_norm: torch.Tensor
+    attn_sub_norm: torch.Tensor
+    post_norm: torch.Tensor
+    ffn_sub_norm: torch.Tensor
+
+
+class _Buffers:
+    """The activations of a forward over ``tokens`` positions, which every layer overwrites in turn, and the views the
+    layers read of them (one decode step reuses one set: no allocation, no view op per layer). The inputs of norms
+    (residual stream, attention output, FFN product) each have a last column holding ``rms_floor``."""
+
+    def __init__(self, tokens: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float):
+        groups, q_size = heads // kv_heads, heads * head_dim
+        self.residual = torch.empty(tokens, q_size + 1)
+        self.residual[:, -1] = rms_floor(q_size, eps)
+        self.x = self.residual[:, :-1]                                # (T, hidden)
+        self.qkv = torch.empty(tokens, q_size + 2 * kv_heads * head_dim)
+        pairs = self.qkv.view(tokens, heads + 2 * kv_heads, head_dim // 2, 2)
+        self.qk = torch.view_as_complex(pairs[:, :heads + kv_heads])   # q and k heads, rotated in place
+        self.new_kv = self.qkv[:, q_size:].view(tokens, 2, kv_heads, head_dim).permute(1, 2, 0, 3)
+        q = self.qkv[:, :q_size]
+        self.attn_and_floor = torch.empty(tokens, q_size + 1)
+        self.attn_and_floor[:, -1] = rms_floor(q_size, eps)
+        self.attn = self.attn_and_floor[:, :-1]
+        if tokens == 1:
+            # GQA without copies: the `groups` query heads of a kv head are adjacent rows of one matmul.
+            self.q, self.attn_heads = q.view(kv_heads, groups, head_dim), self.attn.view(kv_heads, groups, head_dim)
+        else:   # (1, heads, T, head_dim) for sdpa, and (heads, T, head_dim) over the output buffer
+            self.q, self.attn_heads = q.view(tokens, heads, head_dim).transpose(0, 1)[None], \
+                self.attn.view(tokens, heads, head_dim).transpose(0, 1)
+        self.o = torch.empty(tokens, q_size)
+        # up, then gate: the FFN product silu(gate) * up is computed over gate, followed by the floor.
+        self.up_gate_and_floor = torch.empty(tokens, 2 * intermediate + 1)
+        self.up_gate_and_floor[:, -1] = rms_floor(intermediate, eps)
+        self.up_gate = self.up_gate_and_floor[:, :-1]
+        self.up, self.gate = self.up_gate.chunk(2, dim=-1)
+        self.ffn_and_floor = self.up_gate_and_floor[:, intermediate:]
+        self.down = torch.empty(tokens, q_size)
 
 
 class PackedDecoder:
-    """Greedy decoder over a packed ``BitNetForCausalLM`` (``pack_model`` output), sharing its weights.
+    """Greedy decoder over a packed ``BitNetForCausalLM`` (``pack_model`` output, float32), sharing its weights.
 
     ``int8_head``: compute the logits with a Q8_0 copy of the full-precision lm_head weight (int8, one scale per
     block of 32 inputs) instead of the fp32 weight.
 
     Raises:
-        DecoderError: the model is not a packed HF BitNet model (layout, int8 activations, sub-norms), or
+        DecoderError: the model is not a float32 packed HF BitNet model (layout, int8 activations, sub-norms), or
             ``int8_head`` with an lm_head that is not a plain linear layer.
     """
 
@@ -102,7 +213,13 @@ class PackedDecoder:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         inner = model.model
-        self.embed, self.norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
+        if inner.embed_tokens.weight.dtype != torch.float32:
+            raise DecoderError(f"the packed decoder computes in float32 (the packed kernels' output), this model is "
+                               f"{inner.embed_tokens.weight.dtype}; load it with dtype=torch.float32")
+        if self.heads * self.head_dim != config.hidden_size:
+            raise DecoderError(f"the packed decoder needs heads x head_dim == hidden_size, this model has "
+                               f"{self.heads} x {self.head_dim} != {config.hidden_size}")
+        self.embed, self.lm_head = inner.embed_tokens, model.lm_head
         if int8_head:
             if not isinstance(model.lm_head, nn.Linear):
                 raise DecoderError(f"int8_head quantizes a full-precision linear lm_head; this model's is "
@@ -112,74 +229,96 @@ class PackedDecoder:
         if getattr(rotary, "rope_type", "default") != "default":
             raise DecoderError(f"the packed decoder implements default RoPE, this model uses {rotary.rope_type!r}")
         self.inv_freq, self.rope_scaling = rotary.inv_freq.float(), float(rotary.attention_scaling)
-        self.blocks = []
+        self.layers, norms = [], [inner.norm]
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             check_packed([attn.o_proj])
             check_packed([mlp.down_proj])
-            self.blocks.append(_Block(
-                layer.input_layernorm, fuse_packed_linears([attn.q_proj, attn.k_proj, attn.v_proj]),
-                attn.attn_sub_norm, attn.o_proj, layer.post_attention_layernorm,
-                fuse_packed_linears([mlp.gate_proj, mlp.up_proj]), mlp.act_fn, mlp.ffn_sub_norm, mlp.down_proj))
-        self.q_size, self.kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.k_cache = self.v_cache = None
+            qkv = attention_qkv(attn, self.heads, self.kv_heads, self.head_dim)
+            up_gate = fuse_packed_linears([mlp.up_proj, mlp.gate_proj])
+            layer_norms = (layer.input_layernorm, attn.attn_sub_norm, layer.post_attention_layernorm, mlp.ffn_sub_norm)
+            self.layers.append(_Layer(*(_bind(layer) for layer in (qkv, attn.o_proj, up_gate, mlp.down_proj)),
+                                      _activation(mlp.act_fn), *(rms_norm_weight(norm) for norm in layer_norms)))
+            norms += layer_norms
+        self.final_norm = rms_norm_weight(inner.norm)
+        eps = {norm.variance_epsilon for norm in norms}
+        if len(eps) != 1:   # one floor column per buffer (rms_norm)
+            raise DecoderError(f"the packed decoder runs norms with one eps, this model's have {sorted(eps)}")
+        self.eps = eps.pop()
+        self.q_size = self.heads * self.head_dim
+        self.kv_cache = self.rope = None
+        self.step_buffers = self._buffers(1)
         self.length = 0
+
+    def _buffers(self, tokens: int) -> _Buffers:
+        return _Buffers(tokens, self.heads, self.kv_heads, self.head_dim, self.config.intermediate_size, self.eps)
 
     def reset(self, max_len: int) -> None:
-        """Empty the cache and allocate it for ``max_len`` positions."""
-        shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.embed.weight.dtype)
-        self.v_cache = torch.zeros(shape, dtype=self.embed.weight.dtype)
+        """Empty the cache and allocate it, and the RoPE table, for ``max_len`` positions."""
+        # Per layer keys then values, (2, kv_heads, max_len, head_dim): one copy writes both of new positions.
+        # Keys hold their head dims in the pair order of ``attention_qkv``, as the queries do.
+        self.kv_cache = torch.zeros(len(self.layers), 2, self.kv_heads, max_len, self.head_dim)
+        self.rope = rope_table(self.inv_freq, self.rope_scaling, max_len)
         self.length = 0
-
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # As BitNetRotaryEmbedding: fp32 angles, cos/sin of the duplicated frequencies, cast to the activations' dtype.
-        freqs = positions[:, None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.rope_scaling).to(dtype), (emb.sin() * self.rope_scaling).to(dtype)
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits (1, T, vocab) of ``ids`` (1, T), which continue the cached sequence (``reset`` first); with
         ``last_only`` those of the last position only (1, 1, vocab), all that greedy decoding reads."""
-        if self.k_cache is None:
+        if self.kv_cache is None:
             raise DecoderError("call reset(max_len) before forward")
         tokens = ids.shape[1]
         start, end = self.length, self.length + tokens
-        if end > self.k_cache.shape[3]:
-            raise DecoderError(f"sequence of {end} tokens exceeds the cache of {self.k_cache.shape[3]}; reset with "
-                               "a larger max_len")
-        x = self.embed(ids)
-        cos, sin = self._rope(torch.arange(start, end), x.dtype)
-        cos, sin = cos[None, :, None], sin[None, :, None]   # (1, T, 1, head_dim): over (1, T, heads, head_dim)
-        # New queries see every cached position and the new ones up to their own (causal within the block).
-        mask = None if tokens == 1 else torch.ones(tokens, end, dtype=torch.bool).tril(start)
-        groups = self.heads // self.kv_heads
-        for i, block in enumerate(self.blocks):
-            h = block.input_norm(x)
-            qk, v = block.qkv(h).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-            # q and k heads are adjacent in the fused output: one rotation for both.
-            qk = self._rotate(qk.view(1, tokens, self.heads + self.kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-            q, k = qk[:, :self.heads], qk[:, self.heads:]
-            self.k_cache[i, :, :, start:end] = k
-            self.v_cache[i, :, :, start:end] = v.view(1, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-            keys, values = self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end]
-            if groups > 1:
-                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.head_dim ** -0.5)
-            a = block.attn_sub_norm(a.transpose(1, 2).reshape(1, tokens, self.q_size))
-            x = x + block.o_proj(a)
-            h = block.post_norm(x)
-            gate, up = block.gate_up(h).chunk(2, dim=-1)
-            x = x + block.down_proj(block.ffn_sub_norm(block.act(gate) * up))
+        if end > self.kv_cache.shape[3]:
+            raise DecoderError(f"sequence of {end} tokens exceeds the cache of {self.kv_cache.shape[3]}; reset "
+                               "with a larger max_len")
+        # Per layer, a fixed list of aten calls on preallocated buffers and views: in a decode step each costs more
+        # than its arithmetic (more still right after a packed matmul has streamed megabytes of weights through the
+        # caches), so every op, view and module call left out counts.
+        step = tokens == 1
+        buf = self.step_buffers if step else self._buffers(tokens)
+        residual, x, qkv, qk, new_kv, q = buf.residual, buf.x, buf.qkv, buf.qk, buf.new_kv, buf.q
+        attn_and_floor, attn, attn_heads, o = buf.attn_and_floor, buf.attn, buf.attn_heads, buf.o
+        up_gate, up, gate, ffn_and_floor, down = buf.up_gate, buf.up, buf.gate, buf.ffn_and_floor, buf.down
+        rope = self.rope[start:end]                             # (T, 1, head_dim / 2) complex
+        slots = self.kv_cache[:, :, :, start:end].unbind(0)     # per layer (2, kv_heads, T, head_dim)
+        keys, values = self.kv_cache[:, 0, :, :end], self.kv_cache[:, 1, :, :end]   # (layers, kv_heads, end, D)
+        keys, values = (keys.mT if step else keys).unbind(0), values.unbind(0)
+        if not step:
+            # New queries see every cached position and the new ones up to their own (causal within the block).
+            mask = None if start == 0 else torch.ones(tokens, end, dtype=torch.bool).tril(start)
+            gqa = self.heads > self.kv_heads
+        bmm, softmax = torch.bmm, torch.softmax
+        x.copy_(F.embedding(ids[0], self.embed.weight))
+        for (qkv_proj, o_proj, up_gate_proj, down_proj, act, input_norm, attn_sub_norm, post_norm, ffn_sub_norm), \
+                slot, layer_keys, layer_values in zip(self.layers, slots, keys, values):
+            qkv_proj(rms_norm(x, residual, input_norm), qkv)   # q comes out scaled by 1 / sqrt(head_dim)
+            qk.mul_(rope)
+            slot.copy_(new_kv)
+            if step:
+                bmm(softmax(bmm(q, layer_keys), -1), layer_values, out=attn_heads)
+            else:
+                attn_heads.copy_(F.scaled_dot_product_attention(
+                    q, layer_keys[None], layer_values[None], attn_mask=mask, is_causal=mask is None, scale=1.0,
+                    enable_gqa=gqa)[0])
+            x.add_(o_proj(rms_norm(attn, attn_and_floor, attn_sub_norm), o))
+            up_gate_proj(rms_norm(x, residual, post_norm), up_gate)
+            ffn = act(gate).mul_(up)
+            x.add_(down_proj(rms_norm(ffn, ffn_and_floor, ffn_sub_norm), down))
         self.length = end
         # The head over every prompt position is a vocab-wide GEMM that greedy decoding never reads.
-        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
+        if last_only:
+            x, residual = x[-1:], residual[-1:]
+        return self.lm_head(rms_norm(x, residual, self.final_norm))[None]
+
+    def sequence_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab) of ``ids`` (B, T), each row a sequence of its own from an empty cache: what the
+        packed model's forward returns for an unpadded batch (held-out perplexity in ``qat eval``)."""
+        logits = []
+        for row in ids:
+            self.reset(ids.shape[1])
+            logits.append(self.forward(row[None]))
+        return torch.cat(logits)
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None
                  ) -> torch.Tensor:

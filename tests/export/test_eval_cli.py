@@ -85,6 +85,27 @@ def test_a_good_export_evaluates_and_stays_verifiable(ternary_checkpoint, tmp_pa
     assert "| exported |" in card and str(tmp_path) not in card
 
 
+def test_packed_kernels_are_evaluated_through_the_packed_decoder(ternary_checkpoint, tmp_path, monkeypatch):
+    """`qat eval` scores an HF BitNet export on the packed kernels through qat's PackedDecoder, with the loss of the
+    packed HF model's forward (which it falls back to for a model the decoder does not run)."""
+    from qat.cli.evaluate import evaluate
+    from qat.nn.decoder import DecoderError, PackedDecoder
+
+    out = tmp_path / "export"
+    _export(ternary_checkpoint, out)
+    decoded = evaluate(str(out), max_blocks=3, batch_size=2)["packed_kernels"]
+
+    def refuse(self, model, int8_head=False):
+        raise DecoderError("not this model")
+
+    monkeypatch.setattr(PackedDecoder, "__init__", refuse)
+    forward = evaluate(str(out), max_blocks=3, batch_size=2)["packed_kernels"]
+    assert (decoded["runtime"], forward["runtime"]) == ("qat decoder", "HF forward")
+    assert decoded["tokens"] == forward["tokens"] > 0
+    assert decoded["nll_per_token"] == pytest.approx(forward["nll_per_token"], rel=1e-5)
+    assert decoded["bits_per_byte"] == pytest.approx(forward["bits_per_byte"], rel=1e-5)
+
+
 def test_a_changed_source_checkpoint_is_named(ternary_checkpoint, tmp_path, capsys):
     from qat.nn.config import QuantConfig
     from tests.export.conftest import tiny_model, write_checkpoint

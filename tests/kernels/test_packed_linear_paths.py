@@ -6,6 +6,7 @@ import torch
 from qat.kernels.packed_linear import (
     CPU_PATHS,
     KernelPathError,
+    bind_packed_linear,
     dense_linear,
     packed_linear,
     packed_linear_torch,
@@ -57,6 +58,20 @@ def test_path_matches_float64_reference(forced_path, bits, shape):
     assert selected_path() == forced_path
     assert y.shape == (tokens, rows)
     assert_matches_reference(y, x, codes, scale)
+
+
+@pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
+def test_bound_packed_linear_writes_packed_linears_output(forced_path, bits):
+    """``bind_packed_linear`` (the decoder's per-layer call), on every path: packed_linear's values, written into a
+    contiguous ``out`` and into a strided view (columns of a wider buffer) without touching the other columns."""
+    codes, packed, scale, x = random_problem(bits, 5, 33, 1000, 1, seed=11 + bits)
+    want = packed_linear(x, packed, scale, bits, 1000, 1000)
+    matmul = bind_packed_linear(packed, scale, bits, 1000, 1000)
+    out = torch.full((5, 33), float("nan"))
+    assert matmul(x, out) is out and torch.equal(out, want)
+    wide = torch.full((5, 40), float("nan"))
+    assert torch.equal(matmul(x, wide[:, 2:35]), want)
+    assert wide[:, :2].isnan().all() and wide[:, 35:].isnan().all()
 
 
 @pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
