@@ -361,8 +361,8 @@ def cpu_description() -> str:
         return "CPU unknown (no /proc/cpuinfo)"
     model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
     flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-              "amx_tile", "amx_int8", "amx_bf16")
+    wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_vbmi", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
     present = set(flags.group(1).split()) if flags else set()
     return (f"CPU {model.group(1).strip() if model else 'unknown'}, "
             f"flags {' '.join(f for f in wanted if f in present) or 'none of ' + ' '.join(wanted)}")
