@@ -260,20 +260,22 @@ __attribute__((target("avx2,fma"))) inline int32_t hsum_avx2(__m256i v) {
 // summed in its own int16 accumulator and shifted back when widening to int32. Bounds, with |x| <= 128: a lane
 // gains <= 2 * 8 * 128 = 2048 (hi) per vpmaddubsw, 4 per block, so widening every kChunkBlocks = 2 blocks stays
 // <= 16384.
+// The RR rows are `spread` rows apart, as in the AVX-512 decode below (4 streams in different pages, each
+// prefetched kDecodePrefetchRows rows ahead): 22.4 -> 26.8 GB/s (4096x4096) and 21.8 -> 28.6 (4096x11008) streamed
+// on 2 cores of a Sapphire Rapids class VM (path forced to avx2) against 4 adjacent rows read as one stream.
 constexpr int64_t kChunkBlocks = 2;
-constexpr int64_t kPrefetchBytes = 4096;
+constexpr int64_t kDecodePrefetchRows = 2;
 
 template <int RR>
 __attribute__((target("avx2,fma"))) void decode_ternary_avx2(const Problem& p, const int32_t* xsums, int64_t n0,
-                                                            int64_t t) {
+                                                            int64_t spread, int64_t t) {
   constexpr int kBits = 2, planes = 4, pairs = 2;
   const __m256i lo = _mm256_set1_epi8(0x03);
   const __m256i hi = _mm256_set1_epi8(0x0C);
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* x = p.act->codes.data() + t * p.padded_k;
-  const uint8_t* tile = p.w + n0 * p.row_bytes;
   const uint8_t* wrow[RR];
-  for (int r = 0; r < RR; ++r) wrow[r] = tile + r * p.row_bytes;
+  for (int r = 0; r < RR; ++r) wrow[r] = p.w + (n0 + r * spread) * p.row_bytes;
   int32_t qx[RR][64];
   for (int64_t g = 0; g < p.groups; ++g) {
     __m256i acc[RR];
@@ -287,11 +289,9 @@ __attribute__((target("avx2,fma"))) void decode_ternary_avx2(const Problem& p, c
         const int8_t* xh = x + (half / 2) * planes * kBlockBytes + (half % 2) * 32;
 #pragma GCC unroll 4
         for (int r = 0; r < RR; ++r) {
-          // The RR rows are contiguous and consumed at the same pace: prefetch the tile's bytes as one linear
-          // stream, kPrefetchBytes ahead of how far it has been read (4 short row streams defeat the hardware
-          // prefetcher; measured 1.5x on streamed weights, Zen 3).
-          if (((half * RR + r) & 1) == 0)
-            _mm_prefetch(reinterpret_cast<const char*>(tile + (half * RR + r) * 32 + kPrefetchBytes), _MM_HINT_T0);
+          if ((half & 1) == 0)   // one prefetch per 64-byte line, kDecodePrefetchRows rows ahead
+            _mm_prefetch(reinterpret_cast<const char*>(wrow[r] + half * 32 + kDecodePrefetchRows * p.row_bytes),
+                         _MM_HINT_T0);
           const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow[r] + half * 32));
 #pragma GCC unroll 2
           for (int i = 0; i < pairs; ++i) {
@@ -310,7 +310,7 @@ __attribute__((target("avx2,fma"))) void decode_ternary_avx2(const Problem& p, c
     }
     for (int r = 0; r < RR; ++r) qx[r][g] = hsum_avx2(acc[r]);
   }
-  for (int r = 0; r < RR; ++r) finish_row_unsigned(p, n0 + r, t, qx[r], xsums + t * p.groups);
+  for (int r = 0; r < RR; ++r) finish_row_unsigned(p, n0 + r * spread, t, qx[r], xsums + t * p.groups);
 }
 
 // Prefill on AVX2: `qrow` holds row n's stored values as bytes in column order (padded_k of them); stream the
@@ -404,7 +404,6 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline voi
 // sequential streams in different pages, which the L2 streamer follows in parallel, where RR adjacent rows share
 // one 4 KiB page and one stream (27.7 vs 24 GB/s read on 2 cores of a Sapphire Rapids class VM). Each stream is
 // prefetched kDecodePrefetchRows rows ahead.
-constexpr int64_t kDecodePrefetchRows = 2;
 
 template <int RR>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void decode_ternary_avx512(const Problem& p,
@@ -457,14 +456,13 @@ void ternary_rows_simd(const Problem& p, const int32_t* xsums, int64_t n0, int64
     }
   }
   for (int64_t t = tiled_tokens; t < p.tokens; ++t) {     // decode and token tails: 4 rows x 1 token
-    int64_t n = n0;
+    const int64_t spread = (n1 - n0) / kRowTile;
     if constexpr (AVX512) {
-      const int64_t spread = (n1 - n0) / kRowTile;
-      for (; n < n0 + spread; ++n) decode_ternary_avx512<kRowTile>(p, xsums, n, spread, t);
-      for (n = n0 + kRowTile * spread; n < n1; ++n) decode_ternary_avx512<1>(p, xsums, n, 0, t);
+      for (int64_t n = n0; n < n0 + spread; ++n) decode_ternary_avx512<kRowTile>(p, xsums, n, spread, t);
+      for (int64_t n = n0 + kRowTile * spread; n < n1; ++n) decode_ternary_avx512<1>(p, xsums, n, 0, t);
     } else {
-      for (; n + kRowTile <= n1; n += kRowTile) decode_ternary_avx2<kRowTile>(p, xsums, n, t);
-      for (; n < n1; ++n) decode_ternary_avx2<1>(p, xsums, n, t);
+      for (int64_t n = n0; n < n0 + spread; ++n) decode_ternary_avx2<kRowTile>(p, xsums, n, spread, t);
+      for (int64_t n = n0 + kRowTile * spread; n < n1; ++n) decode_ternary_avx2<1>(p, xsums, n, 0, t);
     }
   }
 }
@@ -489,72 +487,88 @@ __attribute__((target("avx2,fma"))) void build_binary_luts_avx2(const int8_t* x,
   }
 }
 
-// Binary table lookup over one tile (32 rows) for TT tokens (tables of token t0 + i at luts + i * lut_bytes). Per
+// Binary table lookup over TILES tiles (32 rows each) for TT tokens (tables of token t0 + i at luts + i * lut_bytes). Per
 // input byte c: the 32-byte load gives the low nibbles (group 2c) and high nibbles (group 2c + 1) of 32 rows; each
 // nibble vector indexes its group's two tables, and unpacking (low, high) byte pairs restores int16 sums in row
 // order (the layout's position order). The nibble extraction is shared by the TT tokens, and a tile's bytes stay in
 // L1 from one token pair to the next. |entry| <= 512, so int16 lanes take 32 entries (kLutChunk bytes) before
-// widening to int32.
+// widening to int32. Decode (1 token) runs TILES tiles `spread` tiles apart together, one read stream each: with 2,
+// 17.6 -> 20.0 GB/s (4096x4096) and 19.8 -> 22.9 (4096x11008) streamed, 2 cores, Sapphire Rapids class VM (path
+// forced to avx2); with 4 the accumulators no longer fit the 16 ymm registers and it is slower again.
 constexpr int64_t kLutChunk = 32;
 constexpr int64_t kBinaryPrefetchBytes = 2048;
+constexpr int kSpreadTilesAvx2 = 2;
 
 // One 16-byte table in both 128-bit lanes (vpshufb looks up within each lane).
 __attribute__((target("avx2,fma"), always_inline)) inline __m256i broadcast_table(const uint8_t* table) {
   return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table)));
 }
 
-template <int TT>
+template <int TT, int TILES = 1>
 __attribute__((target("avx2,fma"))) void lut_tile_avx2(const Problem& p, const uint8_t* luts, int64_t lut_bytes,
-                                                      int64_t tile, int64_t t0) {
+                                                      int64_t tile0, int64_t spread, int64_t t0) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
-  const uint8_t* w = p.w + tile * p.row_bytes * kBinaryTile;
-  alignas(32) int32_t dots[TT][64][kBinaryTile];   // per token, per group, per row of the tile
+  const uint8_t* w[TILES];
+  for (int i = 0; i < TILES; ++i) w[i] = p.w + (tile0 + i * spread) * p.row_bytes * kBinaryTile;
+  alignas(32) int32_t dots[TILES][TT][64][kBinaryTile];   // per tile, per token, per group, per row of the tile
   for (int64_t g = 0; g < p.groups; ++g) {
-    __m256i acc[TT][4];   // int32: rows 0-7, 8-15, 16-23, 24-31
-    for (int t = 0; t < TT; ++t)
-      for (auto& a : acc[t]) a = _mm256_setzero_si256();
+    __m256i acc[TILES][TT][4];   // int32: rows 0-7, 8-15, 16-23, 24-31
+    for (int i = 0; i < TILES; ++i)
+      for (int t = 0; t < TT; ++t)
+        for (auto& a : acc[i][t]) a = _mm256_setzero_si256();
     const int64_t c_end = p.group_end(g) * kBlockBytes;   // a 512-value block spans 64 input bytes
     for (int64_t c0 = g * p.blocks_per_group * kBlockBytes; c0 < c_end; c0 += kLutChunk) {
-      __m256i sums[TT][4];   // int16: unpacklo / unpackhi of the even (low nibble) and odd (high nibble) groups
-      for (int t = 0; t < TT; ++t)
-        for (auto& s : sums[t]) s = _mm256_setzero_si256();
+      __m256i sums[TILES][TT][4];   // int16: unpacklo / unpackhi of the even (low nibble) and odd (high nibble) groups
+      for (int i = 0; i < TILES; ++i)
+        for (int t = 0; t < TT; ++t)
+          for (auto& s : sums[i][t]) s = _mm256_setzero_si256();
 #pragma GCC unroll 2
       for (int64_t c = c0; c < c0 + kLutChunk; ++c) {
-        if ((c & 1) == 0)   // one prefetch per 64-byte line
-          _mm_prefetch(reinterpret_cast<const char*>(w + c * kBinaryTile + kBinaryPrefetchBytes), _MM_HINT_T0);
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * kBinaryTile));
-        const __m256i idx_even = _mm256_and_si256(wv, nibble);
-        const __m256i idx_odd = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
-        for (int t = 0; t < TT; ++t) {
-          const uint8_t* lut = luts + t * lut_bytes + 2 * c * kLutBytes;
-          const __m256i even_lo = _mm256_shuffle_epi8(broadcast_table(lut), idx_even);
-          const __m256i even_hi = _mm256_shuffle_epi8(broadcast_table(lut + 16), idx_even);
-          const __m256i odd_lo = _mm256_shuffle_epi8(broadcast_table(lut + 32), idx_odd);
-          const __m256i odd_hi = _mm256_shuffle_epi8(broadcast_table(lut + 48), idx_odd);
-          sums[t][0] = _mm256_add_epi16(sums[t][0], _mm256_unpacklo_epi8(even_lo, even_hi));
-          sums[t][1] = _mm256_add_epi16(sums[t][1], _mm256_unpackhi_epi8(even_lo, even_hi));
-          sums[t][2] = _mm256_add_epi16(sums[t][2], _mm256_unpacklo_epi8(odd_lo, odd_hi));
-          sums[t][3] = _mm256_add_epi16(sums[t][3], _mm256_unpackhi_epi8(odd_lo, odd_hi));
+        for (int i = 0; i < TILES; ++i) {
+          if ((c & 1) == 0)   // one prefetch per 64-byte line
+            _mm_prefetch(reinterpret_cast<const char*>(w[i] + c * kBinaryTile + kBinaryPrefetchBytes), _MM_HINT_T0);
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * kBinaryTile));
+          const __m256i idx_even = _mm256_and_si256(wv, nibble);
+          const __m256i idx_odd = _mm256_and_si256(_mm256_srli_epi16(wv, 4), nibble);
+          for (int t = 0; t < TT; ++t) {
+            const uint8_t* lut = luts + t * lut_bytes + 2 * c * kLutBytes;
+            const __m256i even_lo = _mm256_shuffle_epi8(broadcast_table(lut), idx_even);
+            const __m256i even_hi = _mm256_shuffle_epi8(broadcast_table(lut + 16), idx_even);
+            const __m256i odd_lo = _mm256_shuffle_epi8(broadcast_table(lut + 32), idx_odd);
+            const __m256i odd_hi = _mm256_shuffle_epi8(broadcast_table(lut + 48), idx_odd);
+            __m256i(&s)[4] = sums[i][t];
+            s[0] = _mm256_add_epi16(s[0], _mm256_unpacklo_epi8(even_lo, even_hi));
+            s[1] = _mm256_add_epi16(s[1], _mm256_unpackhi_epi8(even_lo, even_hi));
+            s[2] = _mm256_add_epi16(s[2], _mm256_unpacklo_epi8(odd_lo, odd_hi));
+            s[3] = _mm256_add_epi16(s[3], _mm256_unpackhi_epi8(odd_lo, odd_hi));
+          }
         }
       }
       // unpacklo lanes hold rows 0-7 | 8-15, unpackhi rows 16-23 | 24-31.
-      for (int t = 0; t < TT; ++t)
-        for (int i = 0; i < 4; ++i) {
-          const int half = i % 2;   // 0: unpacklo, 1: unpackhi
-          acc[t][2 * half] = _mm256_add_epi32(acc[t][2 * half], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums[t][i])));
-          acc[t][2 * half + 1] = _mm256_add_epi32(acc[t][2 * half + 1],
-                                                  _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums[t][i], 1)));
-        }
+      for (int i = 0; i < TILES; ++i)
+        for (int t = 0; t < TT; ++t)
+          for (int j = 0; j < 4; ++j) {
+            __m256i(&a)[4] = acc[i][t];
+            const int half = j % 2;   // 0: unpacklo, 1: unpackhi
+            a[2 * half] = _mm256_add_epi32(a[2 * half], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums[i][t][j])));
+            a[2 * half + 1] = _mm256_add_epi32(a[2 * half + 1],
+                                               _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums[i][t][j], 1)));
+          }
     }
-    for (int t = 0; t < TT; ++t)
-      for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(dots[t][g] + 8 * q), acc[t][q]);
+    for (int i = 0; i < TILES; ++i)
+      for (int t = 0; t < TT; ++t)
+        for (int q = 0; q < 4; ++q)
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dots[i][t][g] + 8 * q), acc[i][t][q]);
   }
   int32_t row_dots[64];
-  for (int t = 0; t < TT; ++t)
-    for (int64_t r = 0; r < kBinaryTile && tile * kBinaryTile + r < p.rows; ++r) {
-      for (int64_t g = 0; g < p.groups; ++g) row_dots[g] = dots[t][g][r];
-      finish_row(p, tile * kBinaryTile + r, t0 + t, row_dots);
-    }
+  for (int i = 0; i < TILES; ++i) {
+    const int64_t tile = tile0 + i * spread;
+    for (int t = 0; t < TT; ++t)
+      for (int64_t r = 0; r < kBinaryTile && tile * kBinaryTile + r < p.rows; ++r) {
+        for (int64_t g = 0; g < p.groups; ++g) row_dots[g] = dots[i][t][g][r];
+        finish_row(p, tile * kBinaryTile + r, t0 + t, row_dots);
+      }
+  }
 }
 
 // Binary decode (1 token) on AVX-512 VBMI: the same tables, looked up by vpermb, which indexes a whole 64-byte
@@ -638,10 +652,18 @@ void binary_tiles_avx2(const Problem& p, const int32_t* xsums, const uint8_t* lu
     }
   }
   const int64_t lut_bytes = p.padded_k / 4 * kLutBytes;
+  if (p.tokens == 1) {   // decode: kSpreadTilesAvx2 tiles spread over the range at once, one stream each
+    const int64_t spread = (tile1 - tile0) / kSpreadTilesAvx2;
+    for (int64_t tile = tile0; tile < tile0 + spread; ++tile)
+      lut_tile_avx2<1, kSpreadTilesAvx2>(p, luts, lut_bytes, tile, spread, 0);
+    for (int64_t tile = tile0 + kSpreadTilesAvx2 * spread; tile < tile1; ++tile)
+      lut_tile_avx2<1>(p, luts, lut_bytes, tile, 0, 0);
+    return;
+  }
   for (int64_t tile = tile0; tile < tile1; ++tile) {
     int64_t t = first;
-    for (; t + 2 <= p.tokens; t += 2) lut_tile_avx2<2>(p, luts + (t - first) * lut_bytes, lut_bytes, tile, t);
-    if (t < p.tokens) lut_tile_avx2<1>(p, luts + (t - first) * lut_bytes, lut_bytes, tile, t);
+    for (; t + 2 <= p.tokens; t += 2) lut_tile_avx2<2>(p, luts + (t - first) * lut_bytes, lut_bytes, tile, 0, t);
+    if (t < p.tokens) lut_tile_avx2<1>(p, luts + (t - first) * lut_bytes, lut_bytes, tile, 0, t);
   }
 }
 

@@ -84,7 +84,12 @@ def _auto_path() -> str:
 
 def selected_path() -> str:
     """The CPU path to run: ``$QAT_KERNEL_PATH`` if set (checked), else the fastest supported one."""
-    forced = os.environ.get(PATH_ENV, "auto")
+    return _checked_path(os.environ.get(PATH_ENV, "auto"))
+
+
+@functools.cache
+def _checked_path(forced: str) -> str:
+    # Cached per value: a decode step calls this per layer, and the CPU's answer does not change.
     if forced == "auto":
         return _auto_path()
     ok, why = path_support(forced)
@@ -136,9 +141,10 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
     path = selected_path()
     if path == "torch" or not _native_groups(scale, bits, group_size):
         return packed_linear_torch(x, packed, scale, bits, in_features, group_size)
+    # The overloads themselves (``.default``): resolving the op packet costs ~1 µs a call.
     if out is None:
-        return _native_ops().packed_linear(x, packed, scale, bits, in_features, group_size, path)
-    _native_ops().packed_linear_out(x, packed, scale, bits, in_features, group_size, path, out)
+        return _native_ops().packed_linear.default(x, packed, scale, bits, in_features, group_size, path)
+    _native_ops().packed_linear_out.default(x, packed, scale, bits, in_features, group_size, path, out)
     return out.to(x.dtype).reshape(*x.shape[:-1], scale.shape[0])
 
 
