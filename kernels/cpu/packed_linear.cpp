@@ -23,8 +23,8 @@
 // on, a VNNI GEMM: rows unpacked once to bytes in L1/L2, a 4-row x 6-token register tile of vpdpbusd; on CPUs with
 // AMX-INT8, from kIntMmMinTokens tokens on, unpack to int8 and at::_int_mm, i.e. oneDNN on AMX tiles), "avx2"
 // (ternary: vpmaddubsw + vpmaddwd; binary: table lookup), "portable" (plain C++ over the layouts' definition). AVX2
-// prefill (tiles of kTokenTile tokens) unpacks a row (or a binary tile) to bytes once and streams the tokens over
-// it.
+// prefill (ternary 2+ tokens, binary above kLutMaxTokens) unpacks 4 rows (a binary tile) to bytes once and runs a
+// 4-row x 2-token register tile of vpmaddubsw over them.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -48,15 +48,12 @@
 namespace {
 
 constexpr int64_t kBlockBytes = 64;
-constexpr int64_t kTokenTile = 4;        // tokens that share one unpacked weight block (registers)
 constexpr int64_t kIntMmMinTokens = 32;  // AMX CPUs: from this batch on, unpack to int8 and use at::_int_mm
 constexpr int64_t kBinaryTile = 32;      // rows per binary tile
-constexpr int64_t kLutMaxTokens = 8;     // binary: up to this batch every token by table lookup, above 4-token tiles
+constexpr int64_t kLutMaxTokens = 8;     // binary AVX2: up to this batch every token by table lookup, above GEMM
 
-// Binary SIMD paths: first token run by table lookup (earlier ones go through unpacked 4-token tiles).
-inline int64_t first_lut_token(int64_t tokens) {
-  return tokens <= kLutMaxTokens ? 0 : tokens - tokens % kTokenTile;
-}
+// Binary AVX2 path: first token run by table lookup (earlier ones go through the unpacked-tile GEMM): all or none.
+inline int64_t first_lut_token(int64_t tokens) { return tokens <= kLutMaxTokens ? 0 : tokens; }
 constexpr int64_t kLutBytes = 32;        // per 4-column group: 16 low bytes, then 16 high bytes of int16 sums
 
 // Tile position of row r of a binary tile (inverse of BINARY_TILE_ROWS in kernel_layout.py).
@@ -313,36 +310,70 @@ __attribute__((target("avx2,fma"))) void decode_ternary_avx2(const Problem& p, c
   for (int r = 0; r < RR; ++r) finish_row_unsigned(p, n0 + r * spread, t, qx[r], xsums + t * p.groups);
 }
 
-// Prefill on AVX2: `qrow` holds row n's stored values as bytes in column order (padded_k of them); stream the
-// tokens over it 4 at a time: load + vpmaddubsw + add per 32 products, with no unpacking per token.
-__attribute__((target("avx2,fma"))) void prefill_row_avx2(const Problem& p, const int32_t* xsums, int64_t n,
-                                                         int64_t tokens, const uint8_t* qrow) {
+// Prefill on AVX2 (2+ tokens): a register tile of RR unpacked rows (stored values as bytes, `stride` apart) x TT
+// tokens: per 32 columns RR + TT loads and RR * TT vpmaddubsw + add into int16 lanes, so each activation load serves
+// RR rows and each weight load TT tokens (one row x 4 tokens re-read every token's codes from L2 per row, which
+// bounded it). int16 lanes: a vpmaddubsw adds <= 2 * 2 * 128 = 512 (ternary; binary 256), so they are widened to
+// int32 every kPrefillChunk columns (32 steps).
+constexpr int kPrefillRows = 4;
+constexpr int kPrefillTokens = 2;   // 8 int16 accumulators + 4 weight vectors + 1 activation of the 16 ymm registers
+constexpr int64_t kPrefillChunk = 1024;
+// Unpacked rows sit this far past padded_k apart: at a multiple of 4 KiB, one column of every row would fall in one
+// L1 set (4K aliasing).
+constexpr int64_t kPrefillStridePad = 64;
+
+template <int RR, int TT>
+__attribute__((target("avx2,fma"))) void prefill_tile_avx2(const Problem& p, const int32_t* xsums,
+                                                          const uint8_t* qrows, int64_t stride, int64_t n0,
+                                                          int64_t t0) {
   const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t block_values = p.values_per_block();
-  for (int64_t t0 = 0; t0 < tokens; t0 += kTokenTile) {
-    const int8_t* x0 = p.act->codes.data() + t0 * p.padded_k;
-    int32_t qx[kTokenTile][64];
-    for (int64_t g = 0; g < p.groups; ++g) {
-      __m256i acc[kTokenTile];
-      for (int t = 0; t < kTokenTile; ++t) acc[t] = _mm256_setzero_si256();
-      for (int64_t b = g * p.blocks_per_group; b < p.group_end(g); ++b) {
-        __m256i s[kTokenTile];
-        for (int t = 0; t < kTokenTile; ++t) s[t] = _mm256_setzero_si256();
-        // int16 lanes: 2 products of |q x| <= 256 (ternary, 8 steps per block) or <= 128 (binary, 16 steps)
-        // per step -> <= 4096, no saturation.
-#pragma GCC unroll 1
-        for (int64_t i = b * block_values; i < (b + 1) * block_values; i += 32) {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + i));
-          for (int t = 0; t < kTokenTile; ++t)
-            s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(
-                q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + t * p.padded_k + i))));
+  const int8_t* x0 = p.act->codes.data() + t0 * p.padded_k;
+  const int64_t vpb = p.values_per_block();
+  int32_t qx[RR][TT][64];
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m256i acc[RR][TT];
+    for (int r = 0; r < RR; ++r)
+      for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_si256();
+    const int64_t k_end = p.group_end(g) * vpb;
+    for (int64_t kc = g * p.blocks_per_group * vpb; kc < k_end; kc += kPrefillChunk) {
+      const int64_t kc_end = std::min(kc + kPrefillChunk, k_end);
+      __m256i s[RR][TT];
+      for (int r = 0; r < RR; ++r)
+        for (int t = 0; t < TT; ++t) s[r][t] = _mm256_setzero_si256();
+      for (int64_t k = kc; k < kc_end; k += 32) {
+        __m256i q[RR];
+        for (int r = 0; r < RR; ++r) q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrows + r * stride + k));
+        for (int t = 0; t < TT; ++t) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + t * p.padded_k + k));
+          for (int r = 0; r < RR; ++r) s[r][t] = _mm256_add_epi16(s[r][t], _mm256_maddubs_epi16(q[r], xv));
         }
-        for (int t = 0; t < kTokenTile; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s[t], ones));
       }
-      for (int t = 0; t < kTokenTile; ++t) qx[t][g] = hsum_avx2(acc[t]);
+      for (int r = 0; r < RR; ++r)
+        for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(s[r][t], ones));
     }
-    for (int t = 0; t < kTokenTile; ++t) finish_row_unsigned(p, n, t0 + t, qx[t], xsums + (t0 + t) * p.groups);
+    for (int r = 0; r < RR; ++r)
+      for (int t = 0; t < TT; ++t) qx[r][t][g] = hsum_avx2(acc[r][t]);
   }
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < TT; ++t) finish_row_unsigned(p, n0 + r, t0 + t, qx[r][t], xsums + (t0 + t) * p.groups);
+}
+
+template <int RR>
+void prefill_token_tiles_avx2(const Problem& p, const int32_t* xsums, const uint8_t* qrows, int64_t stride,
+                              int64_t n0, int64_t tokens) {
+  int64_t t = 0;
+  for (; t + kPrefillTokens <= tokens; t += kPrefillTokens)
+    prefill_tile_avx2<RR, kPrefillTokens>(p, xsums, qrows, stride, n0, t);
+  for (; t < tokens; ++t) prefill_tile_avx2<RR, 1>(p, xsums, qrows, stride, n0, t);
+}
+
+// Rows n0 .. n0 + count, unpacked at qrows (`stride` apart), times tokens 0 .. tokens.
+void prefill_rows_avx2(const Problem& p, const int32_t* xsums, const uint8_t* qrows, int64_t stride, int64_t n0,
+                       int64_t count, int64_t tokens) {
+  int64_t r = 0;
+  for (; r + kPrefillRows <= count; r += kPrefillRows)
+    prefill_token_tiles_avx2<kPrefillRows>(p, xsums, qrows + r * stride, stride, n0 + r, tokens);
+  for (; r < count; ++r) prefill_token_tiles_avx2<1>(p, xsums, qrows + r * stride, stride, n0 + r, tokens);
 }
 
 // Ternary row n -> stored values q as bytes in column order.
@@ -447,15 +478,17 @@ template <bool AVX512>
 void ternary_rows_simd(const Problem& p, const int32_t* xsums, int64_t n0, int64_t n1) {
   constexpr int kRowTile = 4;
   // avx512_vnni runs 2+ tokens in the GEMM (gemm_ternary_avx512), so here it only decodes.
-  const int64_t tiled_tokens = AVX512 ? 0 : p.tokens - p.tokens % kTokenTile;
-  if (tiled_tokens > 0) {
-    std::vector<uint8_t> qrow(p.padded_k);
-    for (int64_t n = n0; n < n1; ++n) {
-      unpack_ternary_row_avx2(p, n, qrow.data());
-      prefill_row_avx2(p, xsums, n, tiled_tokens, qrow.data());
+  if (!AVX512 && p.tokens >= 2) {   // AVX2 prefill: kPrefillRows rows unpacked at a time (in L1), every token
+    const int64_t stride = p.padded_k + kPrefillStridePad;
+    std::vector<uint8_t> qrows(kPrefillRows * stride);
+    for (int64_t n = n0; n < n1; n += kPrefillRows) {
+      const int64_t count = std::min<int64_t>(kPrefillRows, n1 - n);
+      for (int64_t r = 0; r < count; ++r) unpack_ternary_row_avx2(p, n + r, qrows.data() + r * stride);
+      prefill_rows_avx2(p, xsums, qrows.data(), stride, n, count, p.tokens);
     }
+    return;
   }
-  for (int64_t t = tiled_tokens; t < p.tokens; ++t) {     // decode and token tails: 4 rows x 1 token
+  for (int64_t t = 0; t < p.tokens; ++t) {     // decode: 4 rows x 1 token
     const int64_t spread = (n1 - n0) / kRowTile;
     if constexpr (AVX512) {
       for (int64_t n = n0; n < n0 + spread; ++n) decode_ternary_avx512<kRowTile>(p, xsums, n, spread, t);
@@ -643,12 +676,13 @@ void binary_tiles_vbmi(const Problem& p, const uint8_t* luts, int64_t tile0, int
 // Binary tiles [tile0, tile1). `luts` holds the tables of the tokens from first_lut_token on.
 void binary_tiles_avx2(const Problem& p, const int32_t* xsums, const uint8_t* luts, int64_t tile0, int64_t tile1) {
   const int64_t first = first_lut_token(p.tokens);
-  if (first > 0) {
-    std::vector<uint8_t> qrows(kBinaryTile * p.padded_k);
+  if (first > 0) {   // prefill: a tile unpacked at a time (in L2), tokens [0, first)
+    const int64_t stride = p.padded_k + kPrefillStridePad;
+    std::vector<uint8_t> qrows(kBinaryTile * stride);
     for (int64_t tile = tile0; tile < tile1; ++tile) {
-      unpack_binary_tile(p, tile, qrows.data(), p.padded_k);
-      for (int64_t r = 0; r < kBinaryTile && tile * kBinaryTile + r < p.rows; ++r)
-        prefill_row_avx2(p, xsums, tile * kBinaryTile + r, first, qrows.data() + r * p.padded_k);
+      unpack_binary_tile(p, tile, qrows.data(), stride);
+      prefill_rows_avx2(p, xsums, qrows.data(), stride, tile * kBinaryTile,
+                        std::min(kBinaryTile, p.rows - tile * kBinaryTile), first);
     }
   }
   const int64_t lut_bytes = p.padded_k / 4 * kLutBytes;
