@@ -157,18 +157,23 @@ def kernel_table(reps: int, llc: int, read_gbps: float, shapes=SHAPES) -> None:
     print("\n| K x N | batch | mode | " + " | ".join(
         ["fp32 ms", "bf16 ms", "int4 ms", "int8 ms", "tern ms", "bin ms",
          "tern/fp32", "tern/bf16", "tern/best-lowbit", "bin/fp32", "bin/bf16", "bin/best-lowbit",
-         "tern GB/s (% of read BW)", "bin GB/s (% of read BW)"]) + " |")
+         "tern GB/s (% of read BW; streamed batch 1 also called alone)", "bin GB/s (same)"]) + " |")
     print("|" + "---|" * 17)
     for k, n in shapes:
         for resident in (True, False):
             factories = make_methods(k, n, min_total, resident)
             methods = {name: factory() for name, factory in factories.items()}
             results = {}
+            back_to_back = {}
             for batch in BATCHES:
                 x = torch.randn(batch, k)
                 calls = {name: functools.partial(call, x, x.bfloat16()) for name, (call, _) in methods.items()}
                 best = interleaved_best_seconds(calls, reps)
                 results[batch] = {name: (best[name], nbytes) for name, (_, nbytes) in methods.items()}
+                if batch == 1 and not resident:
+                    # Also each packed kernel called alone, as the roofline's GEMV is and as a decode loop calls it:
+                    # after another method's call, an idle second vCPU takes 10-18 us to wake (kernels/README.md).
+                    back_to_back = {kernel: best_seconds(calls[kernel], reps) for kernel in ("ternary 2b", "binary 1b")}
             del methods, calls
             for batch in BATCHES:
                 r = {name: t for name, (t, _) in results[batch].items()}
@@ -178,8 +183,13 @@ def kernel_table(reps: int, llc: int, read_gbps: float, shapes=SHAPES) -> None:
                     cells += [f"{r['fp32'] / r[kernel]:.1f}x", f"{r['bf16'] / r[kernel]:.1f}x",
                               f"{best_low / r[kernel]:.1f}x"]
                 for kernel in ("ternary 2b", "binary 1b"):
-                    gbps = results[batch][kernel][1] / r[kernel] / 1e9
-                    cells.append(f"{gbps:.1f}" + ("" if resident else f" ({100 * gbps / read_gbps:.0f}%)"))
+                    nbytes = results[batch][kernel][1]
+                    gbps = nbytes / r[kernel] / 1e9
+                    cell = f"{gbps:.1f}" + ("" if resident else f" ({100 * gbps / read_gbps:.0f}%)")
+                    if batch == 1 and not resident:
+                        alone = nbytes / back_to_back[kernel] / 1e9
+                        cell += f"; alone {alone:.1f} ({100 * alone / read_gbps:.0f}%)"
+                    cells.append(cell)
                 mode = "cache" if resident else "stream"
                 print(f"| {k}x{n} | {batch} | {mode} | " + " | ".join(cells) + " |", flush=True)
 
