@@ -75,10 +75,12 @@ def test_bound_packed_linear_writes_packed_linears_output(forced_path, bits):
 
 
 @pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
-def test_paths_agree_bitwise_and_keep_leading_dims(monkeypatch, bits):
-    """All paths share one fp32 epilogue, so tensor/row-scale results are bit-identical across paths."""
-    codes, packed, scale, x = random_problem(bits, 6, 40, 777, 1, seed=7)
-    x = x.reshape(2, 3, 777)
+@pytest.mark.parametrize("lead", [(2, 3), (1, 1)], ids=["6tokens", "decode"])
+def test_paths_agree_bitwise_and_keep_leading_dims(monkeypatch, bits, lead):
+    """All paths share one fp32 epilogue (scalar or vectorized, the same operations in the same order), so
+    tensor/row-scale results are bit-identical across paths; 40 rows end in a partial 32-row binary tile."""
+    codes, packed, scale, x = random_problem(bits, lead[0] * lead[1], 40, 777, 1, seed=7)
+    x = x.reshape(*lead, 777)
     results = {}
     for path in CPU_PATHS:
         if path_support(path)[0]:
@@ -86,7 +88,7 @@ def test_paths_agree_bitwise_and_keep_leading_dims(monkeypatch, bits):
             results[path] = packed_linear(x, packed, scale, bits, 777, 777)
     assert len(results) >= 2
     first = next(iter(results.values()))
-    assert first.shape == (2, 3, 40)
+    assert first.shape == (*lead, 40)
     for path, y in results.items():
         assert torch.equal(y, first), path
 
