@@ -359,7 +359,8 @@ __attribute__((target("avx2,fma"))) void prefill_tile_avx2(const Problem& p, con
         for (int t = 0; t < TT; ++t) s[r][t] = _mm256_setzero_si256();
       for (int64_t k = kc; k < kc_end; k += 32) {
         __m256i q[RR];
-        for (int r = 0; r < RR; ++r) q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrows + r * stride + k));
+        for (int r = 0; r < RR; ++r)
+          q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrows + r * stride + k));
         for (int t = 0; t < TT; ++t) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + t * p.padded_k + k));
           for (int r = 0; r < RR; ++r) s[r][t] = _mm256_add_epi16(s[r][t], _mm256_maddubs_epi16(q[r], xv));
@@ -543,8 +544,8 @@ __attribute__((target("avx2,fma"))) void build_binary_luts_avx2(const int8_t* x,
   }
 }
 
-// Binary table lookup over TILES tiles (32 rows each) for TT tokens (tables of token t0 + i at luts + i * lut_bytes). Per
-// input byte c: the 32-byte load gives the low nibbles (group 2c) and high nibbles (group 2c + 1) of 32 rows; each
+// Binary table lookup over TILES tiles (32 rows each) for TT tokens (tables of token t0 + i at luts + i * lut_bytes).
+// Per input byte c: the 32-byte load gives the low nibbles (group 2c) and high nibbles (group 2c + 1) of 32 rows; each
 // nibble vector indexes its group's two tables, and unpacking (low, high) byte pairs restores int16 sums in row
 // order (the layout's position order). The nibble extraction is shared by the TT tokens, and a tile's bytes stay in
 // L1 from one token pair to the next. |entry| <= 512, so int16 lanes take 32 entries (kLutChunk bytes) before
@@ -562,14 +563,16 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256i broadcast_tabl
 
 // finish_row for a binary tile's 32 signed dots (rows 8q .. 8q + 7 in dots[q]) with one group, 8 rows per vector: the
 // same IEEE operations in the same order as the scalar epilogue (see finish_tile_avx512).
-__attribute__((target("avx2,fma"), always_inline)) inline void finish_tile_avx2(const Problem& p, const __m256i (&dots)[4],
+__attribute__((target("avx2,fma"), always_inline)) inline void finish_tile_avx2(const Problem& p,
+                                                                              const __m256i (&dots)[4],
                                                                               int64_t tile, int64_t t) {
   const __m256 x_scale = _mm256_set1_ps(p.act->scales[t]);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int q = 0; q < 4; ++q) {
     const int64_t n0 = tile * kBinaryTile + 8 * q;
     if (n0 >= p.rows) break;
-    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(8, p.rows - n0))), lane);
+    const int live_rows = static_cast<int>(std::min<int64_t>(8, p.rows - n0));
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(live_rows), lane);
     const __m256 ws = _mm256_maskload_ps(p.w_scale + n0, live);
     const __m256 acc = _mm256_add_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_cvtepi32_ps(dots[q]), ws));
     _mm256_maskstore_ps(p.y + t * p.rows + n0, live, _mm256_div_ps(acc, x_scale));
