@@ -3,21 +3,21 @@
     python bench/kernels.py [--threads 2] [--reps 30] [--shapes 4096x4096] [--e2e-models 700M,1.3B,8x2048]
         [--skip-kernels] [--skip-e2e]
 
-For (K, N) in (2048, 2048), (4096, 4096), (4096, 11008) and batch 1, 8, 64, times y = x W^T for: torch fp32 and
-bf16 ``F.linear``, torch w4a16 ``_weight_int4pack_mm_for_cpu`` (group 128), torch int8 dynamic quantization
-(``quantized::linear_dynamic``), and qat's packed ternary (2-bit) and binary (1-bit) kernels, each with the
-weight resident in cache (one weight reused) and streamed from memory (rotating over weight copies larger than
-twice the last-level cache). Prints the best of --reps calls, ratios vs fp32 / bf16 / the best torch low-bit
-path, and the packed kernels' achieved GB/s over packed bytes vs the memory read bandwidth measured here. Then
-the fp32 lm_head GEMV a packed model keeps (torch vs qat) and its optional Q8_0 int8 copy, and end-to-end greedy
-decode tokens/s of BitNet models with random weights in the llama.cpp recipe's form: packed (``pack_model``, ternary
-and binary; decoded by HF ``generate`` and by qat's ``PackedDecoder``, with the fp32 head and, ternary, the Q8_0
-int8 head) vs the same model in HF fp32 and vs llama.cpp (llama-cpp-python) running qat's GGUF TQ2_0 / TQ1_0 export
-of the ternary model (shapes whose widths are multiples of 256 only), and a breakdown of one qat decode step. Models
-(``E2E_MODELS``): ``700M`` and ``1.3B`` = the BitNet b1.58 shapes of the paper's FAQ (hidden 1536 / 2048, FFN
-4096 / 5460, 24 / 32 heads, 24 layers, LLaMA vocabulary 32000), ``8x2048`` = 8 layers of hidden 2048, FFN 5632,
-whose fp32 ``lm_head`` is a much larger share of the packed model's bytes, ``tiny`` = the tiny recipes' shape
-(a smoke run).
+For (K, N) in (2048, 2048), (4096, 4096), (4096, 11008) and batch 1, 8, 64, times y = x W^T for: torch fp32 and bf16
+``F.linear``, torch w4a16 ``_weight_int4pack_mm_for_cpu`` (group 128), torch int8 dynamic quantization
+(``quantized::linear_dynamic``), and qat's packed ternary (2-bit) and binary (1-bit) kernels, each with the weight
+resident in cache (one weight reused) and streamed from memory (rotating over weight copies larger than twice the
+last-level cache), the packed kernels bound to their weights as the decoder calls them. Prints the best of --reps
+calls, ratios vs fp32 / bf16 / the best torch low-bit path, and the packed kernels' achieved GB/s over packed bytes
+vs the memory read bandwidth measured here. Then the fp32 lm_head GEMV a packed model keeps (torch vs qat) and its
+optional Q8_0 int8 copy, and end-to-end greedy decode tokens/s of BitNet models with random weights in the llama.cpp
+recipe's form: packed (``pack_model``, ternary and binary; decoded by HF ``generate`` and by qat's
+``PackedDecoder``, with the fp32 head and, ternary, the Q8_0 int8 head) vs the same model in HF fp32 and vs
+llama.cpp (llama-cpp-python) running qat's GGUF TQ2_0 / TQ1_0 export of the ternary model (shapes whose widths are
+multiples of 256 only), and a breakdown of one qat decode step. Models (``E2E_MODELS``): ``700M`` and ``1.3B`` = the
+BitNet b1.58 shapes of the paper's FAQ (hidden 1536 / 2048, FFN 4096 / 5460, 24 / 32 heads, 24 layers, LLaMA
+vocabulary 32000), ``8x2048`` = 8 layers of hidden 2048, FFN 5632, whose fp32 ``lm_head`` is a much larger share of
+the packed model's bytes, ``tiny`` = the tiny recipes' shape (a smoke run).
 """
 
 import argparse
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qat.kernels.packed_linear import dense_linear, packed_linear, selected_path
+from qat.kernels.packed_linear import bind_packed_linear, dense_linear, selected_path
 from qat.nn.packed_linear import Q8_0Linear
 from qat.pack.kernel_layout import BINARY_TILE, Q8_0_CHUNK, padded_in_features
 
@@ -142,10 +142,19 @@ def make_methods(k: int, n: int, min_total: int, resident: bool):
         row_bytes = padded_in_features(k, bits) * bits // 8
         scale = torch.full((n, 1), 0.01)
         shape = (n, row_bytes) if bits == 2 else (-(-n // BINARY_TILE), row_bytes, BINARY_TILE)   # kernel layouts
+        # Bound to the kernel once per weight, as the decoder calls its matmuls (``bind_packed_linear``), into an
+        # output buffer per batch size; the public ``packed_linear`` adds ~5 µs of Python and torch.ops dispatch.
         def make(_):
-            return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+            return bind_packed_linear(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen), scale, bits, k, k)
         rot = Rotation(make, n * row_bytes, min_total, resident)
-        return (lambda x, xb: packed_linear(x, rot.next(), scale, bits, k, k)), n * row_bytes
+        outs = {}
+
+        def call(x, xb):
+            out = outs.get(x.shape[0])
+            if out is None:
+                out = outs[x.shape[0]] = torch.empty(x.shape[0], n)
+            return rot.next()(x, out)
+        return call, n * row_bytes
 
     return {"fp32": lambda: dense(torch.float32), "bf16": lambda: dense(torch.bfloat16),
             "int4 w4a16": int4, "int8 dyn": int8_dynamic,

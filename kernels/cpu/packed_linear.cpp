@@ -29,6 +29,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <torch/python.h>
 
 #include <array>
 #include <cmath>
@@ -60,8 +61,8 @@ constexpr int64_t kLutBytes = 32;        // per 4-column group: 16 low bytes, th
 // Tile position of row r of a binary tile (inverse of BINARY_TILE_ROWS in kernel_layout.py).
 inline int binary_tile_pos(int64_t r) { return static_cast<int>(r < 8 ? r : r < 16 ? r + 8 : r < 24 ? r - 8 : r); }
 
-// 64-byte aligned storage: a 512-bit load of codes that straddles two cache lines costs two (malloc's 16-byte
-// alignment made the batched GEMM ~35% slower in some processes, depending on where the heap put the codes).
+// 64-byte aligned storage: a 512-bit load of codes or tables that straddles two cache lines costs two (malloc's
+// 16-byte alignment made the batched GEMM ~35% slower in some processes, depending on where the heap put the codes).
 template <typename T>
 struct CacheLineAllocator {
   using value_type = T;
@@ -74,6 +75,16 @@ struct CacheLineAllocator {
     return static_cast<T*>(p);
   }
   void deallocate(T* p, std::size_t) { std::free(p); }
+  // resize() leaves trivial elements uninitialized: every byte is written before it is read, and zeroing 32 KiB of
+  // tables per call was a measurable part of a decode matmul's fixed cost.
+  template <typename U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
   template <typename U>
   bool operator==(const CacheLineAllocator<U>&) const { return true; }
   template <typename U>
@@ -95,8 +106,12 @@ constexpr float kRoundMagic = 12582912.0f;
 // ~1.5 ns per value, ~6 us of a 4096-wide decode matmul.
 __attribute__((target("avx2,fma"))) float quantize_row_avx2(const float* row, int64_t k, int8_t* out) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 m = _mm256_setzero_ps();
+  // Four running maxima: one is a serial chain of 4-cycle maxps (~0.7 us of 4096 values).
+  __m256 m4[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t i = 0;
+  for (; i + 32 <= k; i += 32)
+    for (int j = 0; j < 4; ++j) m4[j] = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(row + i + 8 * j)), m4[j]);
+  __m256 m = _mm256_max_ps(_mm256_max_ps(m4[0], m4[1]), _mm256_max_ps(m4[2], m4[3]));
   for (; i + 8 <= k; i += 8) m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(row + i)), m);
   alignas(32) float part[8];
   _mm256_store_ps(part, m);
@@ -128,11 +143,12 @@ __attribute__((target("avx2,fma"))) float quantize_row_avx2(const float* row, in
 
 template <typename scalar_t>
 void quantize_tokens(const scalar_t* x, int64_t tokens, int64_t k, int64_t padded_k, Activations& a) {
-  a.codes.assign(tokens * padded_k, 0);
+  a.codes.resize(tokens * padded_k);   // uninitialized: every code and padding byte is written below
   a.scales.assign(tokens, 0.f);
   at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* row = x + t * k;
+      std::memset(a.codes.data() + t * padded_k + k, 0, padded_k - k);
 #ifdef QAT_X86
       if constexpr (std::is_same_v<scalar_t, float>) {
         static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -562,6 +578,42 @@ __attribute__((target("avx2,fma"))) void build_binary_luts_avx2(const int8_t* x,
     // packus per 128-bit lane gives [lo 0-7, hi 0-7 | lo 8-15, hi 8-15]; the 64-bit permute orders it lo, hi.
     const __m256i bytes = _mm256_packus_epi16(_mm256_and_si256(v, low_byte), _mm256_srli_epi16(v, 8));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(luts + j * kLutBytes), _mm256_permute4x64_epi64(bytes, 0xD8));
+  }
+}
+
+// The same tables on AVX-512 VNNI + VBMI, one input byte c (groups 2c, 2c + 1: a 64-byte table) per step: entry e of
+// a group is a dot of its 4 codes with the signs s_i(e) = bit i of e ? 1 : -1, i.e. one vpdpbusd lane. vpdpbusd
+// multiplies unsigned by signed bytes, so the codes enter as u = x + 128 (x ^ 0x80) and the lane starts at
+// -128 * sum_i s_i(e): sum s_i (u_i - 128) = sum s_i x_i. Two vpdpbusd give both groups' 16 entries as int32, a
+// vpackssdw (|entry| <= 512) and a vpermb order the int16 low and high bytes as the AVX2 build does: 4 vector uops
+// per 8 codes instead of ~30 (the build ran ~2.3 us of a 4096x4096 decode matmul, serially before its threads start).
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) void build_binary_luts_vnni(const int8_t* x,
+                                                                                            int64_t padded_k,
+                                                                                            uint8_t* luts) {
+  alignas(64) int8_t signs[64];
+  alignas(64) int32_t start[16];
+  alignas(64) uint8_t order[64];
+  for (int e = 0; e < 16; ++e) {
+    int sum = 0;
+    for (int i = 0; i < 4; ++i) sum += signs[4 * e + i] = static_cast<int8_t>((e >> i) & 1 ? 1 : -1);
+    start[e] = -128 * sum;
+  }
+  // vpackssdw interleaves per 128-bit lane L: words 8L .. 8L + 3 = even entries 4L .. 4L + 3, 8L + 4 .. = odd ones.
+  for (int half = 0; half < 2; ++half)   // 0: even group, 1: odd group
+    for (int e = 0; e < 16; ++e) {
+      const int word = 8 * (e / 4) + 4 * half + e % 4;
+      order[32 * half + e] = static_cast<uint8_t>(2 * word);            // low byte
+      order[32 * half + 16 + e] = static_cast<uint8_t>(2 * word + 1);   // high byte
+    }
+  const __m512i sign = _mm512_load_si512(signs), init = _mm512_load_si512(start), perm = _mm512_load_si512(order);
+  const __m512i bias = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  for (int64_t c = 0; c < padded_k / 8; ++c) {
+    int32_t even, odd;
+    std::memcpy(&even, x + 8 * c, 4);
+    std::memcpy(&odd, x + 8 * c + 4, 4);
+    const __m512i e = _mm512_dpbusd_epi32(init, _mm512_xor_si512(_mm512_set1_epi32(even), bias), sign);
+    const __m512i o = _mm512_dpbusd_epi32(init, _mm512_xor_si512(_mm512_set1_epi32(odd), bias), sign);
+    _mm512_storeu_si512(luts + 2 * c * kLutBytes, _mm512_permutexvar_epi8(perm, _mm512_packs_epi32(e, o)));
   }
 }
 
@@ -1000,6 +1052,10 @@ bool cpu_has_amx_int8() {
 #endif
 }
 
+// The oneDNN route below runs on any CPU (without AMX oneDNN uses VNNI or AVX2, slowly); tests switch it on here to
+// check its unpacking and epilogue on machines without AMX (`int8_gemm_without_amx` in the Python module).
+bool g_int_mm_without_amx = false;
+
 // Unpack to int8 codes (rows, padded_k) for the at::_int_mm path: ternary rows [u0, u1), binary tiles [u0, u1).
 void unpack_int8(const Problem& p, int8_t* out, int64_t u0, int64_t u1) {
   if (p.bits == 2) {
@@ -1074,7 +1130,7 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
   // it is 5x slower than qat's VNNI GEMM (Sapphire Rapids class, AVX-512 VNNI only), and on AVX2-only CPUs it is
   // a slow reference loop.
   static const bool amx = cpu_has_amx_int8();   // CPUID traps to the hypervisor in a VM: ask once
-  if (path == "avx512_vnni" && tokens >= kIntMmMinTokens && groups == 1 && amx) {
+  if (path == "avx512_vnni" && tokens >= kIntMmMinTokens && groups == 1 && (amx || g_int_mm_without_amx)) {
     // Prefill: compute-bound, so unpack once and let oneDNN's int8 GEMM (AMX/VNNI) do the products.
     at::Tensor w8 = at::empty({rows, padded_k}, packed.options().dtype(at::kChar));
     at::parallel_for(0, units, binary ? 1 : 16, [&](int64_t u0, int64_t u1) {
@@ -1091,19 +1147,22 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
   const bool lut_only = binary && path != "portable" && !gemm && first_lut_token(tokens) == 0;
   const std::vector<int32_t> xsums = lut_only ? std::vector<int32_t>() : group_xsums(p);
   const int32_t* xs = xsums.data();
-  std::vector<uint8_t> luts;   // binary table lookup: tables of the tokens from first_lut_token on
+  std::vector<uint8_t, CacheLineAllocator<uint8_t>> luts;   // binary table lookup: tables of the tokens from
+                                                             // first_lut_token on
 #ifdef QAT_X86
+  static const bool vbmi = cpu_has_vbmi();
   if (binary && path != "portable" && !gemm) {
     const int64_t first = first_lut_token(tokens), lut_bytes = padded_k / 4 * kLutBytes;
     luts.resize((tokens - first) * lut_bytes);
     at::parallel_for(first, tokens, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        build_binary_luts_avx2(act.codes.data() + t * padded_k, padded_k, luts.data() + (t - first) * lut_bytes);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int8_t* codes = act.codes.data() + t * padded_k;
+        uint8_t* tables = luts.data() + (t - first) * lut_bytes;
+        if (path == "avx512_vnni" && vbmi) build_binary_luts_vnni(codes, padded_k, tables);
+        else build_binary_luts_avx2(codes, padded_k, tables);
+      }
     });
   }
-#endif
-#ifdef QAT_X86
-  static const bool vbmi = cpu_has_vbmi();
 #endif
   at::parallel_for(0, units, binary ? 1 : 8, [&](int64_t u0, int64_t u1) {
 #ifdef QAT_X86
@@ -1419,7 +1478,37 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 
 bool cpu_supports(const std::string& path) { return cpu_has(path); }
 
+// packed_linear_out with the weight's arguments bound once, called from Python through pybind11: a torch.ops call
+// boxes its 8 arguments into IValues and unboxes them again, ~2 us per call (measured: 3.7 us for a 512-wide
+// matmul through torch.ops, 1.4 us bound) -- a decode step makes ~4 per layer. The op stays the public,
+// torch.compile-visible entry; this is the eager decode loop's (qat.nn.decoder via bind_packed_linear).
+struct BoundPackedLinear {
+  at::Tensor packed, scale;
+  int64_t bits, in_features, group_size;
+  std::string path;
+  void operator()(const at::Tensor& x, at::Tensor out) const {
+    packed_linear_out(x, packed, scale, bits, in_features, group_size, path, std::move(out));
+  }
+};
+
 }  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<BoundPackedLinear>(m, "BoundPackedLinear")
+      .def(pybind11::init([](at::Tensor packed, at::Tensor scale, int64_t bits, int64_t in_features,
+                             int64_t group_size, std::string path) {
+             return BoundPackedLinear{std::move(packed), std::move(scale), bits, in_features, group_size,
+                                      std::move(path)};
+           }),
+           pybind11::arg("packed"), pybind11::arg("scale"), pybind11::arg("bits"), pybind11::arg("in_features"),
+           pybind11::arg("group_size"), pybind11::arg("path"))
+      .def("__call__", &BoundPackedLinear::operator(), pybind11::arg("x"), pybind11::arg("out"),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("cpu_has_amx_int8", &cpu_has_amx_int8, "Whether the CPU has AMX-INT8 (avx512_vnni prefill then runs oneDNN).");
+  m.def(
+      "int8_gemm_without_amx", [](bool on) { g_int_mm_without_amx = on; }, pybind11::arg("on"),
+      "Tests: route avx512_vnni prefill (>= 32 tokens, row/tensor scales) through oneDNN's int8 GEMM as on AMX CPUs.");
+}
 
 TORCH_LIBRARY(qat_kernels, m) {
   m.def("packed_linear_out(Tensor x, Tensor packed, Tensor scale, int bits, int in_features, int group_size, "

@@ -2,13 +2,15 @@
 
 Built with ``torch.utils.cpp_extension.load`` (ninja) into ``qat.paths.cache_dir('torch_extensions')``, one folder
 per source version; later loads reuse the build. The extension registers its ops with
-``TORCH_LIBRARY(qat_kernels, ...)``; they are called as ``torch.ops.qat_kernels.*``.
+``TORCH_LIBRARY(qat_kernels, ...)``; they are called as ``torch.ops.qat_kernels.*``. The same library is a Python
+module (pybind11) holding the decode loop's pre-bound matmul (``BoundPackedLinear``).
 """
 
 import functools
 import hashlib
 import sys
 import time
+from types import ModuleType
 
 from qat.errors import QATError
 from qat.paths import cache_dir
@@ -24,8 +26,9 @@ class KernelBuildError(QATError, RuntimeError):
 
 
 @functools.cache
-def load_cpu_extension() -> None:
-    """Compile (once, ~30 s) and load the CPU extension; afterwards ``torch.ops.qat_kernels`` is populated."""
+def load_cpu_extension() -> ModuleType:
+    """Compile (once, ~30 s) and load the CPU extension: registers ``torch.ops.qat_kernels`` and returns the Python
+    module (``BoundPackedLinear``)."""
     import torch.utils.cpp_extension as cpp_extension
 
     if not CPU_SOURCE.exists():
@@ -43,9 +46,9 @@ def load_cpu_extension() -> None:
     try:
         # No -march=native: SIMD paths are compiled per function (target attributes) and chosen at run time,
         # so one build runs on every x86-64 CPU. No FMA contraction: every path rounds like the torch fallback.
-        cpp_extension.load(name=EXTENSION_NAME, sources=[str(CPU_SOURCE)], build_directory=str(build_dir),
-                           extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
+        module = cpp_extension.load(name=EXTENSION_NAME, sources=[str(CPU_SOURCE)], build_directory=str(build_dir),
+                                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
+                                    is_python_module=True, verbose=False)
     except (RuntimeError, OSError) as err:
         raise KernelBuildError(
             f"building {CPU_SOURCE} failed: {err}. It needs a C++17 compiler (g++) and ninja "
@@ -53,3 +56,4 @@ def load_cpu_extension() -> None:
         ) from err
     if fresh:
         print(f"[qat] packed CPU kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return module

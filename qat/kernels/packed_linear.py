@@ -151,20 +151,21 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
 def bind_packed_linear(packed: torch.Tensor, scale: torch.Tensor, bits: int, in_features: int, group_size: int
                        ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``(x, out) -> out`` holding ``packed_linear(x, packed, scale, bits, in_features, group_size)``, for CPU ``x``
-    and ``out`` float32 (tokens, out_features), with the kernel path chosen now: the native op itself where
-    ``packed_linear`` would call it, without its per-call dispatch in Python (a few µs, which a decode step pays four
-    times per layer; ``qat.nn.decoder``). A contiguous ``out`` is written in place, a strided view (columns of a
-    wider buffer) through a temporary."""
+    and ``out`` float32 (tokens, out_features), with the kernel path chosen now: the native kernel itself where
+    ``packed_linear`` would call it, without its per-call dispatch in Python and torch.ops (~5 µs, which a
+    decode step pays four times per layer; ``qat.nn.decoder``). A contiguous ``out`` is written in place, a
+    strided view (columns of a wider buffer) through a temporary."""
     path = selected_path()
     if path == "torch" or not _native_groups(scale, bits, group_size):
         def matmul_torch(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             return out.copy_(packed_linear_torch(x, packed, scale, bits, in_features, group_size).view(out.shape))
         return matmul_torch
-    op, op_out = _native_ops().packed_linear.default, _native_ops().packed_linear_out.default
+    op = _native_ops().packed_linear.default
+    bound = load_cpu_extension().BoundPackedLinear(packed, scale, bits, in_features, group_size, path)
 
     def matmul(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if out.is_contiguous():
-            op_out(x, packed, scale, bits, in_features, group_size, path, out)
+            bound(x, out)
         else:
             out.copy_(op(x, packed, scale, bits, in_features, group_size, path).view(out.shape))
         return out

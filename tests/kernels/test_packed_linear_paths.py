@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from qat.kernels.extension import load_cpu_extension
 from qat.kernels.packed_linear import (
     CPU_PATHS,
     KernelPathError,
@@ -72,6 +73,35 @@ def test_bound_packed_linear_writes_packed_linears_output(forced_path, bits):
     wide = torch.full((5, 40), float("nan"))
     assert torch.equal(matmul(x, wide[:, 2:35]), want)
     assert wide[:, :2].isnan().all() and wide[:, 35:].isnan().all()
+    if forced_path == "torch":
+        return
+    # The native paths' bound call (pybind11) raises the kernel's own checks as RuntimeError.
+    with pytest.raises(RuntimeError, match="out must be a contiguous float32 tensor of 5 x 33"):
+        matmul(x, torch.empty(5, 32))
+    with pytest.raises(RuntimeError, match="input has 999 features, layer expects 1000"):
+        matmul(x[:, :999], out)
+
+
+@pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
+def test_amx_route_matches_the_reference_and_the_vnni_gemm(monkeypatch, bits):
+    """avx512_vnni prefill on AMX CPUs: unpack to int8, oneDNN's int8 GEMM (at::_int_mm), the fp32 epilogue. Forced
+    here on any AVX-512 VNNI CPU (oneDNN then runs without AMX): the float64 reference's values, and bit-identical
+    to qat's own VNNI GEMM (the same IEEE epilogue; exact int32 dots either way)."""
+    ok, why = path_support("avx512_vnni")
+    if not ok:
+        pytest.skip(f"path avx512_vnni: {why}")
+    monkeypatch.setenv("QAT_KERNEL_PATH", "avx512_vnni")
+    module = load_cpu_extension()
+    for tokens, rows, in_features in [(32, 40, 1000), (64, 70, 1536)]:
+        codes, packed, scale, x = random_problem(bits, tokens, rows, in_features, 1, seed=tokens + bits)
+        module.int8_gemm_without_amx(True)
+        try:
+            via_onednn = packed_linear(x, packed, scale, bits, in_features, in_features)
+        finally:
+            module.int8_gemm_without_amx(False)
+        assert_matches_reference(via_onednn, x, codes, scale)
+        if not module.cpu_has_amx_int8():   # otherwise both calls take the oneDNN route
+            assert torch.equal(via_onednn, packed_linear(x, packed, scale, bits, in_features, in_features))
 
 
 @pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
