@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,13 @@ def run_qat(*args: str, cwd: Path | None = None, timeout: int = 900) -> subproce
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     return subprocess.run([sys.executable, "-m", "qat.cli.main", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def run_qat_concurrently(*commands: list[str], timeout: int = 900) -> list[subprocess.CompletedProcess]:
+    """``run_qat`` for independent commands, as many at once as there are cores: each `qat` subprocess runs one
+    thread (``OMP_NUM_THREADS=1``), so on the 2-core CI machine two take about the time of one."""
+    with ThreadPoolExecutor(max_workers=min(len(commands), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda args: run_qat(*args, timeout=timeout), commands))
 
 
 TINY_FIT_ARGS = ["--config", str(REPO / "recipes" / "bitnet-b158-tiny.yaml"), "--trainer.max_steps=30",

@@ -1,5 +1,6 @@
-"""``qat sweep --config R.yaml --bits 1,1.58,2,3,4``: one run per bit width (plus an FP and PTQ points), locally in
-sequence or as a SLURM job array, then ``sweep.csv``, ``sweep.md`` and ``pareto.png`` (qat/eval/sweep.py)."""
+"""``qat sweep --config R.yaml --bits 1,1.58,2,3,4``: one run per bit width (plus an FP and PTQ points), locally
+(one after another, or ``--parallel N`` at once) or as a SLURM job array, then ``sweep.csv``, ``sweep.md`` and
+``pareto.png`` (qat/eval/sweep.py)."""
 
 import os
 import subprocess
@@ -40,18 +41,57 @@ def _recipe_quant(recipe: dict, config: str) -> dict:
     return quant
 
 
-def _run_point(point: SweepPoint, config: str, overrides: list[str], eval_max_blocks: int, group: str) -> None:
+def _run_point(point: SweepPoint, config: str, overrides: list[str], eval_max_blocks: int, group: str,
+               log: Optional[Path] = None, threads: Optional[int] = None) -> None:
+    """One FP or QAT point as a ``qat run`` subprocess; with ``log``, its output goes there (points running side by
+    side) and ``threads`` sets its OMP_NUM_THREADS unless the user set one."""
     command = [sys.executable, "-m", "qat.cli.main", "run", "--config", config,
                f"--trainer.default_root_dir={point.run_dir}", *point_args(point), "--resume", "auto", *overrides]
     if eval_max_blocks:
         command.append(f"--eval_max_blocks={eval_max_blocks}")
     env = {**os.environ, GROUP_ENV: group}
     env.pop("WANDB_SERVICE", None)                       # each point is a W&B process of its own
-    print(f"qat sweep: running {point.name} ({point.kind}, {point.scheme or 'full precision'})", flush=True)
-    result = subprocess.run(command, env=env)
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)
+    where = f"; output in {log}" if log else ""
+    print(f"qat sweep: running {point.name} ({point.kind}, {point.scheme or 'full precision'}){where}", flush=True)
+    if log is None:
+        result = subprocess.run(command, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out:
+            result = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise QATError(f"sweep point {point.name} failed (exit {result.returncode}, output above); fix it and rerun "
+        output = f"in {log}" if log else "above"
+        raise QATError(f"sweep point {point.name} failed (exit {result.returncode}, output {output}); fix it and rerun "
                        "the same `qat sweep` command: finished points are kept")
+
+
+def _run_points(points: list[SweepPoint], parallel: int, config: str, overrides: list[str], eval_max_blocks: int,
+                group: str, log_dir: Path) -> None:
+    """The FP and QAT points, ``parallel`` at a time (each with its share of the cores, its output in
+    ``log_dir/<point>.log``); every point runs even if another fails, then the failures are reported together."""
+    if parallel <= 1:
+        for point in points:
+            _run_point(point, config, overrides, eval_max_blocks, group)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+
+    def run(point: SweepPoint) -> Optional[str]:
+        try:
+            _run_point(point, config, overrides, eval_max_blocks, group, log_dir / f"{point.name}.log", threads)
+        except QATError as err:
+            print(f"qat sweep: {err}", flush=True)
+            return str(err)
+        print(f"qat sweep: {point.name} finished", flush=True)
+        return None
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        failures = [err for err in pool.map(run, points) if err]
+    if failures:
+        raise QATError(f"{len(failures)} of {len(points)} sweep points failed: " + " | ".join(failures))
 
 
 def _run_ptq_point(point: SweepPoint, fp_point: SweepPoint, quant: dict, eval_max_blocks: int) -> None:
@@ -71,7 +111,7 @@ def sweep(recipe: str, bits: str = "1,1.58,2,3,4", schemes: Optional[str] = None
           ptq: bool = True, eval_max_blocks: int = 0, out_dir: Optional[str] = None,
           overrides: Optional[list[str]] = None, submit: bool = False, nodes: int = 1, gpus_per_node: int = 0,
           ranks_per_node: int = 1, cpus_per_task: int = 1, partition: Optional[str] = None, time: str = "01:00:00",
-          dry_run: bool = False, sizes: Optional[dict[str, list[str]]] = None) -> None:
+          dry_run: bool = False, sizes: Optional[dict[str, list[str]]] = None, parallel: int = 1) -> None:
     """Train and evaluate a recipe at several bit widths and draw the size-quality front.
 
     Every point is a normal ``qat run`` (fit, export, eval) in its own run folder ``<run.name>-w<bits>`` and W&B
@@ -101,6 +141,9 @@ def sweep(recipe: str, bits: str = "1,1.58,2,3,4", schemes: Optional[str] = None
         sizes: also sweep model sizes: label -> the ``qat run`` overrides of that size, e.g.
             ``--sizes '{h128: [--model.arch.hidden_size=128, --model.arch.intermediate_size=384], h256: [...]}'``;
             every size gets its FP, QAT and PTQ points (``<run.name>-<label>-w<bits>``), all on one front.
+        parallel: run this many FP / QAT points at once on this machine, each with cores / parallel threads
+            (OMP_NUM_THREADS, unless set) and its output in ``<out_dir>/logs/<point>.log``; the PTQ points follow.
+            Small models train faster side by side than one after another on all cores.
     """
     config = recipe
     loaded = load_recipe(Path(config))
@@ -109,6 +152,10 @@ def sweep(recipe: str, bits: str = "1,1.58,2,3,4", schemes: Optional[str] = None
     quant = _recipe_quant(loaded, config)
     chosen = bit_schemes(parse_bits(bits), schemes)
     sizes = check_sizes(sizes)
+    if parallel < 1:
+        raise RecipeError(f"--parallel must be at least 1, got {parallel}")
+    if parallel > 1 and submit:
+        raise RecipeError("--parallel runs points on this machine; with --submit every point is its own array task")
     if ptq and not fp:
         raise RecipeError("--ptq needs the FP point (PTQ quantizes its weights); pass --fp true or --ptq false")
     from qat.nn.config import QuantConfig
@@ -129,10 +176,11 @@ def sweep(recipe: str, bits: str = "1,1.58,2,3,4", schemes: Optional[str] = None
     for point in points:
         if point.finished:
             print(f"qat sweep: {point.name} is finished ({point.eval_file}); kept", flush=True)
-        elif point.kind == "ptq":
+    _run_points([p for p in points if p.kind != "ptq" and not p.finished], parallel, config, overrides,
+                eval_max_blocks, group, sweep_dir / "logs")
+    for point in points:                                  # PTQ points quantize their size's finished FP point
+        if point.kind == "ptq" and not point.finished:
             _run_ptq_point(point, fp_points[point.size], quant, eval_max_blocks)
-        else:
-            _run_point(point, config, overrides, eval_max_blocks, group)
     outputs = write_sweep_outputs(points, sweep_dir, title=f"{run_name}: size vs quality")
     print(outputs["table"].read_text())
     for kind, path in outputs.items():

@@ -49,6 +49,10 @@ def test_bits_and_schemes_are_checked_before_anything_runs():
     with pytest.raises(RecipeError, match="no scheme for bit width"):
         bit_schemes(["5"])
     assert bit_schemes(["1.58"], mapping={"1.58": "absmean_ternary"}) == {"1.58": "absmean_ternary"}
+    with pytest.raises(RecipeError, match="--parallel must be at least 1, got 0"):
+        sweep_cli.sweep(str(RECIPE), parallel=0)
+    with pytest.raises(RecipeError, match="with --submit every point is its own array task"):
+        sweep_cli.sweep(str(RECIPE), parallel=2, submit=True)
 
 
 def test_plan_has_fp_then_qat_and_ptq_per_bit_width(tmp_path):
@@ -216,10 +220,16 @@ def test_a_real_sweep_over_paretoq_bit_widths_writes_the_csv_table_and_plot(tmp_
              "--overrides+=--trainer.limit_val_batches=1", "--overrides+=--trainer.enable_progress_bar=false",
              "--overrides+=--data.max_val_blocks=4"]
     widths = ("1.58", "4")
+    # --parallel 2: the FP and QAT points side by side, one thread each, their output in the sweep's logs folder.
     result = run_qat("sweep", "--config", str(RECIPE), "--bits", ",".join(widths), "--eval_max_blocks", "2", *steps,
-                     cwd=tmp_path, timeout=1800)
-    assert result.returncode == 0, result.stderr[-4000:]
+                     "--parallel", "2", cwd=tmp_path, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-4000:]
     sweep_dir = env_runs / "bitnet-b158-tiny-sweep"
+    logs = sorted(p.name for p in (sweep_dir / "logs").iterdir())
+    assert logs == ["bitnet-b158-tiny-fp.log", "bitnet-b158-tiny-w1.58.log", "bitnet-b158-tiny-w4.log"]
+    for name in logs:   # each holds its own run's output
+        point = name.removesuffix(".log")
+        assert f"loss curves: {env_runs / point / 'loss.png'}" in (sweep_dir / "logs" / name).read_text()
     rows = list(csv.DictReader((sweep_dir / "sweep.csv").open()))
     assert [(r["kind"], r["bits"]) for r in rows] == [("fp", "16")] + [
         (kind, bits) for bits in widths for kind in ("qat", "ptq")]
@@ -248,7 +258,7 @@ def test_a_real_sweep_over_two_model_sizes(tmp_path):
                      "--sizes", json.dumps(SIZES), "--overrides+=--trainer.max_steps=3",
                      "--overrides+=--trainer.val_check_interval=3", "--overrides+=--trainer.limit_val_batches=1",
                      "--overrides+=--trainer.enable_progress_bar=false", "--overrides+=--data.max_val_blocks=2",
-                     cwd=tmp_path, timeout=1800)
+                     "--parallel", "2", cwd=tmp_path, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = list(csv.DictReader((tmp_path / "runs" / "bitnet-b158-tiny-sweep" / "sweep.csv").open()))
     assert [(r["size"], r["kind"]) for r in rows] == [(s, k) for s in SIZES for k in ("fp", "qat", "ptq")]

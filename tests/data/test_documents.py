@@ -10,7 +10,7 @@ from qat.cli.main import main
 from qat.data.corpus import default_corpus
 from qat.data.documents import check_documents, documents_fingerprint, read_documents
 from qat.errors import DataError
-from tests.conftest import REPO, run_qat
+from tests.conftest import REPO, run_qat, run_qat_concurrently
 
 RECIPE = str(REPO / "recipes" / "bitnet-b158-tiny.yaml")
 
@@ -109,9 +109,9 @@ def test_fit_rejects_a_bad_training_file_before_caching_anything(tmp_path, monke
 def test_the_qat_command_rejects_bad_training_files_in_one_line(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("QAT_CACHE_DIR", str(cache))
-    for name in sorted(BAD_FILES):
-        bad = tmp_path / name
-        result = run_qat(*_fit_args(tmp_path, bad), timeout=300)
+    bad_files = [tmp_path / name for name in sorted(BAD_FILES)]
+    results = run_qat_concurrently(*(_fit_args(tmp_path, bad) for bad in bad_files), timeout=300)
+    for bad, result in zip(bad_files, results):
         assert result.returncode == 2, result.stderr[-3000:]
         _assert_one_error_line(result.stderr, bad)
     assert _cache_entries(cache) == set()

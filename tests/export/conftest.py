@@ -11,6 +11,7 @@ import torch
 
 from qat.nn.config import ArchConfig, QuantConfig
 from qat.nn.convert import build_model, convert_to_qat
+from tests.conftest import REPO, TINY_FIT_ARGS, run_qat_concurrently
 
 DATA_HPARAMS = {"train_files": None, "val_files": None, "text_field": "text", "tokenizer": "bpe",
                 "tokenizer_vocab_size": 4096, "seq_len": 64, "batch_size": 2, "max_val_blocks": 0, "num_workers": 0,
@@ -55,3 +56,29 @@ def ternary_checkpoint(tmp_path) -> Path:
     """``tmp_path/runs/tiny/checkpoints/last.ckpt`` of a tiny ternary BitNet."""
     quant = QuantConfig()
     return write_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt", tiny_model(quant), quant)
+
+
+# The models the llama.cpp comparisons train with `qat fit`: a tiny llama (ternary, row scales, 16-bit activations;
+# tests/export/test_gguf_q4_0.py) and recipes/bitnet-b158-tiny-llamacpp.yaml (tests/export/test_llamacpp.py).
+LLAMA_FIT_ARGS = ["--config", str(REPO / "recipes" / "bitnet-b158-tiny.yaml"), "--trainer.max_steps=40",
+                  "--trainer.val_check_interval=40", "--trainer.limit_val_batches=1",
+                  "--run.checkpoint_every_n_steps=40",
+                  "--trainer.enable_progress_bar=false", "--model.arch.family=llama", "--model.quant.granularity=row",
+                  "--model.quant.activation=none", "--model.optim.warmup_steps=5", "--model.health_every_n_steps=20"]
+LLAMACPP_RECIPE_FIT_ARGS = [
+    "--config", str(REPO / "recipes" / "bitnet-b158-tiny-llamacpp.yaml"),
+    *(a for a in TINY_FIT_ARGS if not a.startswith("--config") and "bitnet-b158-tiny.yaml" not in a),
+    "--trainer.max_steps=40"]
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_training_runs(tmp_path_factory) -> dict[str, Path]:
+    """Both models above trained at once (each `qat fit` runs one thread, so on 2 cores side by side in the time
+    of one): name -> its last checkpoint."""
+    runs = tmp_path_factory.mktemp("runs")
+    commands = {"llama-ternary": LLAMA_FIT_ARGS, "bitnet-llamacpp": LLAMACPP_RECIPE_FIT_ARGS}
+    results = run_qat_concurrently(*(["fit", *args, f"--trainer.default_root_dir={runs / name}"]
+                                     for name, args in commands.items()))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return {name: runs / name / "checkpoints" / "last.ckpt" for name in commands}

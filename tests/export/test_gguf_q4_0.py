@@ -19,7 +19,7 @@ from qat.export.gguf_q4_0 import GGUF_FILE, load_q4_0_export, pack_q4_0, unpack_
 from qat.nn.config import QuantConfig
 from qat.nn.quantized import QuantizedLinear, quantized_layers
 from qat.nn.schemes import SCHEMES, Scheme, register_scheme
-from tests.conftest import REPO, run_qat
+from tests.conftest import run_qat
 from tests.export.conftest import bpe_tokenizer_files, tiny_model
 
 
@@ -215,12 +215,6 @@ def test_qat_export_cli_refuses_a_bitnet_checkpoint_in_one_line(ternary_checkpoi
 
 
 # ------------------------------------------------------------------------------------------ real llama.cpp
-LLAMA_FIT_ARGS = ["--config", str(REPO / "recipes" / "bitnet-b158-tiny.yaml"), "--trainer.max_steps=60",
-                  "--trainer.val_check_interval=60", "--trainer.limit_val_batches=1",
-                  "--run.checkpoint_every_n_steps=60",
-                  "--trainer.enable_progress_bar=false", "--model.arch.family=llama", "--model.quant.granularity=row",
-                  "--model.quant.activation=none", "--model.optim.warmup_steps=5", "--model.health_every_n_steps=30"]
-
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     logp = torch.log_softmax(logits[:-1].double(), dim=-1)
@@ -259,15 +253,12 @@ def llama_cpp_module():
 
 
 @pytest.fixture(scope="module")
-def trained_llama(tmp_path_factory):
-    """A tiny llama (ternary, row scales, 16-bit activations) trained 60 steps by `qat fit`, and held-out blocks."""
+def trained_llama(llama_cpp_training_runs):
+    """A tiny llama (ternary, row scales, 16-bit activations) trained 40 steps by `qat fit`, and held-out blocks."""
     from qat.checkpoint.trained import load_trained_model
     from qat.data.datamodule import TextDataModule
 
-    run_dir = tmp_path_factory.mktemp("runs") / "llama-ternary"
-    result = run_qat("fit", *LLAMA_FIT_ARGS, f"--trainer.default_root_dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = llama_cpp_training_runs["llama-ternary"]
     trained = load_trained_model(str(checkpoint))
     data = TextDataModule(**{k: v for k, v in trained.data_hparams.items() if not k.startswith("_")})
     data.setup()

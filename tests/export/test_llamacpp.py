@@ -104,16 +104,9 @@ def llama_cpp_module():
 
 
 @pytest.fixture(scope="module")
-def llamacpp_recipe_checkpoint(tmp_path_factory):
+def llamacpp_recipe_checkpoint(llama_cpp_training_runs):
     """A real short `qat fit` of recipes/bitnet-b158-tiny-llamacpp.yaml; returns its last checkpoint."""
-    from tests.conftest import REPO, TINY_FIT_ARGS, run_qat
-
-    run_dir = tmp_path_factory.mktemp("runs") / "bitnet-llamacpp"
-    args = [a for a in TINY_FIT_ARGS if not a.startswith("--config") and "bitnet-b158-tiny.yaml" not in a]
-    result = run_qat("fit", "--config", str(REPO / "recipes" / "bitnet-b158-tiny-llamacpp.yaml"), *args,
-                     "--trainer.max_steps=40", f"--trainer.default_root_dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return run_dir / "checkpoints" / "last.ckpt"
+    return llama_cpp_training_runs["bitnet-llamacpp"]
 
 
 def _perplexity(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from qat.cli.main import main
-from tests.conftest import REPO, run_qat
+from tests.conftest import REPO, run_qat, run_qat_concurrently
 
 RECIPE = str(REPO / "recipes" / "bitnet-b158-tiny.yaml")
 
@@ -74,11 +74,14 @@ def test_export_of_a_full_precision_checkpoint_is_refused(tmp_path):
                   f"--trainer.default_root_dir={run_dir}")
     assert fit.returncode == 0, fit.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    result = run_qat("export", str(ckpt), "--out_dir", str(tmp_path / "out"), "--format", "hf")
+    # The refused format, and the supported route for a full-precision model (its default format, e.g. for a
+    # distillation teacher), run side by side.
+    result, supported = run_qat_concurrently(
+        ["export", str(ckpt), "--out_dir", str(tmp_path / "out"), "--format", "hf"],
+        ["export", str(ckpt), "--out_dir", str(tmp_path / "fp-out")])
     assert result.returncode == 2
     assert "full precision" in result.stderr and "hf-fp" in result.stderr
     assert not (tmp_path / "out").exists()
-    # The supported route for a full-precision model (its default format) works, e.g. for a distillation teacher.
-    assert run_qat("export", str(ckpt), "--out_dir", str(tmp_path / "fp-out")).returncode == 0
+    assert supported.returncode == 0, supported.stderr[-3000:]
     assert json.loads((tmp_path / "fp-out" / "qat_export.json").read_text())["format"] == "hf-fp"
     assert (tmp_path / "fp-out" / "model.safetensors").is_file()
