@@ -621,13 +621,17 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) void build_bin
 // Per input byte c: the 32-byte load gives the low nibbles (group 2c) and high nibbles (group 2c + 1) of 32 rows; each
 // nibble vector indexes its group's two tables, and unpacking (low, high) byte pairs restores int16 sums in row
 // order (the layout's position order). The nibble extraction is shared by the TT tokens, and a tile's bytes stay in
-// L1 from one token pair to the next. |entry| <= 512, so int16 lanes take 32 entries (kLutChunk bytes) before
-// widening to int32. Decode (1 token) runs TILES tiles `spread` tiles apart together, one read stream each: with 2,
-// 17.6 -> 20.0 GB/s (4096x4096) and 19.8 -> 22.9 (4096x11008) streamed, 2 cores, Sapphire Rapids class VM (path
-// forced to avx2); with 4 the accumulators no longer fit the 16 ymm registers and it is slower again.
-constexpr int64_t kLutChunk = 32;
+// L1 from one token pair to the next. The even and odd groups' sums of a row are added before they are accumulated:
+// 2 int16 accumulators per tile and token instead of 4, which kept GCC from spilling sums to the stack every input
+// byte (2 tiles, in cache, 2 threads: 86 -> 74 us at 4096x4096). |entry| <= 512 and each input byte adds 2 entries,
+// so int16 lanes take kLutChunkAvx2 = 16 input bytes (32 entries, <= 16384) before widening to int32. Decode (1
+// token) runs TILES tiles `spread` tiles apart together, one read stream each: 2 instead of 1 took 17.6 -> 20.0 GB/s
+// (4096x4096) and 19.8 -> 22.9 (4096x11008) streamed, 2 cores, Sapphire Rapids class VM (path forced to avx2); with
+// the merged sums, 4 instead of 2 take 23.7 -> 24.5 and 25.5 -> 27.0 GB/s (3: 23.5 and 26.1).
+constexpr int64_t kLutChunk = 32;        // VBMI decode: even and odd sums apart, 32 entries each
+constexpr int64_t kLutChunkAvx2 = 16;
 constexpr int64_t kBinaryPrefetchBytes = 2048;
-constexpr int kSpreadTilesAvx2 = 2;
+constexpr int kSpreadTilesAvx2 = 4;
 
 // One 16-byte table in both 128-bit lanes (vpshufb looks up within each lane).
 __attribute__((target("avx2,fma"), always_inline)) inline __m256i broadcast_table(const uint8_t* table) {
@@ -665,13 +669,13 @@ __attribute__((target("avx2,fma"))) void lut_tile_avx2(const Problem& p, const u
       for (int t = 0; t < TT; ++t)
         for (auto& a : acc[i][t]) a = _mm256_setzero_si256();
     const int64_t c_end = p.group_end(g) * kBlockBytes;   // a 512-value block spans 64 input bytes
-    for (int64_t c0 = g * p.blocks_per_group * kBlockBytes; c0 < c_end; c0 += kLutChunk) {
-      __m256i sums[TILES][TT][4];   // int16: unpacklo / unpackhi of the even (low nibble) and odd (high nibble) groups
+    for (int64_t c0 = g * p.blocks_per_group * kBlockBytes; c0 < c_end; c0 += kLutChunkAvx2) {
+      // int16 sums of the even and odd groups together (the same rows): unpacklo / unpackhi order.
+      __m256i sums[TILES][TT][2];
       for (int i = 0; i < TILES; ++i)
-        for (int t = 0; t < TT; ++t)
-          for (auto& s : sums[i][t]) s = _mm256_setzero_si256();
+        for (int t = 0; t < TT; ++t) sums[i][t][0] = sums[i][t][1] = _mm256_setzero_si256();
 #pragma GCC unroll 2
-      for (int64_t c = c0; c < c0 + kLutChunk; ++c) {
+      for (int64_t c = c0; c < c0 + kLutChunkAvx2; ++c) {
         for (int i = 0; i < TILES; ++i) {
           if ((c & 1) == 0)   // one prefetch per 64-byte line
             _mm_prefetch(reinterpret_cast<const char*>(w[i] + c * kBinaryTile + kBinaryPrefetchBytes), _MM_HINT_T0);
@@ -684,23 +688,23 @@ __attribute__((target("avx2,fma"))) void lut_tile_avx2(const Problem& p, const u
             const __m256i even_hi = _mm256_shuffle_epi8(broadcast_table(lut + 16), idx_even);
             const __m256i odd_lo = _mm256_shuffle_epi8(broadcast_table(lut + 32), idx_odd);
             const __m256i odd_hi = _mm256_shuffle_epi8(broadcast_table(lut + 48), idx_odd);
-            __m256i(&s)[4] = sums[i][t];
-            s[0] = _mm256_add_epi16(s[0], _mm256_unpacklo_epi8(even_lo, even_hi));
-            s[1] = _mm256_add_epi16(s[1], _mm256_unpackhi_epi8(even_lo, even_hi));
-            s[2] = _mm256_add_epi16(s[2], _mm256_unpacklo_epi8(odd_lo, odd_hi));
-            s[3] = _mm256_add_epi16(s[3], _mm256_unpackhi_epi8(odd_lo, odd_hi));
+            __m256i(&s)[2] = sums[i][t];
+            s[0] = _mm256_add_epi16(s[0], _mm256_add_epi16(_mm256_unpacklo_epi8(even_lo, even_hi),
+                                                           _mm256_unpacklo_epi8(odd_lo, odd_hi)));
+            s[1] = _mm256_add_epi16(s[1], _mm256_add_epi16(_mm256_unpackhi_epi8(even_lo, even_hi),
+                                                           _mm256_unpackhi_epi8(odd_lo, odd_hi)));
           }
         }
       }
       // unpacklo lanes hold rows 0-7 | 8-15, unpackhi rows 16-23 | 24-31.
       for (int i = 0; i < TILES; ++i)
         for (int t = 0; t < TT; ++t)
-          for (int j = 0; j < 4; ++j) {
+          for (int half = 0; half < 2; ++half) {   // 0: unpacklo, 1: unpackhi
             __m256i(&a)[4] = acc[i][t];
-            const int half = j % 2;   // 0: unpacklo, 1: unpackhi
-            a[2 * half] = _mm256_add_epi32(a[2 * half], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums[i][t][j])));
+            a[2 * half] = _mm256_add_epi32(a[2 * half],
+                                           _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums[i][t][half])));
             a[2 * half + 1] = _mm256_add_epi32(a[2 * half + 1],
-                                               _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums[i][t][j], 1)));
+                                               _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums[i][t][half], 1)));
           }
     }
     if (p.groups == 1) {

@@ -31,9 +31,10 @@ pytestmark = pytest.mark.kernels
 # splits tokens into near-equal tiles of <= 6 (7 -> 4 + 3, 8 -> 4 + 4, 13 -> 5 + 4 + 4, 64 -> 9 x 6 + 2 x 5) and rows
 # into 4-row register tiles plus single rows, unpacked rows padded off 4 KiB strides (in_features 4096, 8192).
 # Decode (1 token) splits each thread's rows into 4 spread streams (ternary, AVX-512 and AVX2) or spread 32-row tiles
-# (binary: 4 on AVX-512 VBMI, 2 on AVX2) plus leftovers: 130 / 293 rows, per-group scales.
-SHAPES = [(1, 1, 1, 1), (1, 7, 300, 1), (1, 130, 4096, 1), (1, 293, 1024, 2), (1, 97, 1536, 3), (3, 33, 1000, 1),
-          (5, 16, 1024, 2), (9, 65, 517, 1), (40, 24, 700, 1),
+# (binary: 4 on AVX-512 VBMI and on AVX2) plus leftovers: 130 / 293 / 300 rows (300: 5 tiles a thread, the last one
+# partial, row scales), per-group scales.
+SHAPES = [(1, 1, 1, 1), (1, 7, 300, 1), (1, 130, 4096, 1), (1, 293, 1024, 2), (1, 300, 2048, 1), (1, 97, 1536, 3),
+          (3, 33, 1000, 1), (5, 16, 1024, 2), (9, 65, 517, 1), (40, 24, 700, 1),
           (33, 19, 1536, 3), (2, 4, 4096, 4), (6, 6, 256, 1), (7, 37, 4096, 1), (8, 35, 1024, 2), (13, 3, 777, 1),
           (64, 70, 1536, 3), (11, 64, 8192, 16)]
 
