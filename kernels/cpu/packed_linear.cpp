@@ -32,6 +32,7 @@
 #include <torch/python.h>
 
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -1079,7 +1080,7 @@ bool cpu_has_amx_int8() {
 
 // The oneDNN route below runs on any CPU (without AMX oneDNN uses VNNI or AVX2, slowly); tests switch it on here to
 // check its unpacking and epilogue on machines without AMX (`int8_gemm_without_amx` in the Python module).
-bool g_int_mm_without_amx = false;
+std::atomic<bool> g_int_mm_without_amx{false};   // read by every prefill call, set from Python
 
 // Unpack to int8 codes (rows, padded_k) for the at::_int_mm path: ternary rows [u0, u1), binary tiles [u0, u1).
 void unpack_int8(const Problem& p, int8_t* out, int64_t u0, int64_t u1) {
@@ -1155,7 +1156,8 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
   // it is 5x slower than qat's VNNI GEMM (Sapphire Rapids class, AVX-512 VNNI only), and on AVX2-only CPUs it is
   // a slow reference loop.
   static const bool amx = cpu_has_amx_int8();   // CPUID traps to the hypervisor in a VM: ask once
-  if (path == "avx512_vnni" && tokens >= kIntMmMinTokens && groups == 1 && (amx || g_int_mm_without_amx)) {
+  const bool int_mm = amx || g_int_mm_without_amx.load(std::memory_order_relaxed);
+  if (path == "avx512_vnni" && tokens >= kIntMmMinTokens && groups == 1 && int_mm) {
     // Prefill: compute-bound, so unpack once and let oneDNN's int8 GEMM (AMX/VNNI) do the products.
     at::Tensor w8 = at::empty({rows, padded_k}, packed.options().dtype(at::kChar));
     at::parallel_for(0, units, binary ? 1 : 16, [&](int64_t u0, int64_t u1) {
@@ -1531,7 +1533,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("cpu_has_amx_int8", &cpu_has_amx_int8, "Whether the CPU has AMX-INT8 (avx512_vnni prefill then runs oneDNN).");
   m.def(
-      "int8_gemm_without_amx", [](bool on) { g_int_mm_without_amx = on; }, pybind11::arg("on"),
+      "int8_gemm_without_amx", [](bool on) { g_int_mm_without_amx.store(on, std::memory_order_relaxed); },
+      pybind11::arg("on"),
       "Tests: route avx512_vnni prefill (>= 32 tokens, row/tensor scales) through oneDNN's int8 GEMM as on AMX CPUs.");
 }
 
