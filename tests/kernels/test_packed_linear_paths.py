@@ -125,6 +125,28 @@ def test_paths_agree_bitwise_and_keep_leading_dims(monkeypatch, bits, lead):
 
 
 @pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
+@pytest.mark.parametrize("tokens", [1, 3], ids=["decode", "3tokens"])
+def test_nan_input_counts_as_minus_absmax_on_every_native_path(monkeypatch, bits, tokens):
+    """A NaN input has no int8 code: the max skips it and the native paths clamp it to -127 (not -128, which the AVX2
+    binary tables cannot hold: code + 127 must fit a byte), i.e. it counts as -max|x| of its token, on every native
+    path alike (the torch path propagates NaN)."""
+    codes, packed, scale, x = random_problem(bits, tokens, 40, 777, 1, seed=5 + bits)
+    x[0, [3, 500]] = float("nan")
+    finite = x.clone()
+    finite[0, [3, 500]] = -x[0].nan_to_num(0.0).abs().max()
+    results = {}
+    for path in CPU_PATHS:
+        if path != "torch" and path_support(path)[0]:
+            monkeypatch.setenv("QAT_KERNEL_PATH", path)
+            results[path] = packed_linear(x, packed, scale, bits, 777, 777)
+    assert len(results) >= 2
+    first = next(iter(results.values()))
+    assert_matches_reference(first, finite, codes, scale)
+    for path, y in results.items():
+        assert torch.equal(y, first), path
+
+
+@pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
 @pytest.mark.parametrize("sign", [1, -1])
 @pytest.mark.parametrize("tokens", [1, 5, 13])
 def test_extreme_dots_do_not_overflow_narrow_accumulators(forced_path, bits, sign, tokens):
