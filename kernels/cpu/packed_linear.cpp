@@ -13,9 +13,9 @@
 //   where bit planes take 4 vpmaddubsw (and their masks and adds) per 128 weights: 2.2x on Zen 3 at the time.
 //
 // Activations are quantized here, per token, with the formula of qat/quant/activation.py
-// (scale = 127 / max(max|x|, 1e-5), codes = round-half-even(x * scale) clamped to [-127, 127]: every finite input
-// gives |x * scale| <= 127, so this is torch's int8 clamp, and a NaN or infinite input, which the max skips or turns
-// into NaN codes, still gets a code the AVX2 binary tables take (code + 127 fits a byte)), zero-padded to
+// (scale = 127 / max(max|x|, 1e-5), codes = round-half-even(x * scale) clamped to [-127, 127]: a finite input gives
+// |x * scale| <= 127, so this is torch's int8 clamp for it; a NaN input, skipped by the max, or an infinite one
+// (scale 0, product NaN) gets -127, which the AVX2 binary tables hold (code + 127 must fit a byte)), zero-padded to
 // whole blocks so the kernels have no tails. Integer sums are exact; the float epilogue rounds once per group and
 // once for the division, identically in every path.
 //
@@ -577,6 +577,16 @@ void ternary_rows_simd(const Problem& p, const int32_t* xsums, int64_t n0, int64
 // (1 thread, Sapphire Rapids class VM).
 // Built per input byte: a 128-bit lane per group holds its 4 terms for +1 weights (code + 127) and for -1 weights
 // (127 - code); each of the 4 terms of an entry is one vpshufb of those bytes' nibbles (picks below), summed.
+// The 16 table entries of both groups (one per 128-bit lane): sums of the 4 terms each entry picks.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i sum_picks(__m256i nibbles,
+                                                                            const __m256i (&picks)[4]) {
+  const __m256i terms01 = _mm256_add_epi8(_mm256_shuffle_epi8(nibbles, picks[0]),
+                                          _mm256_shuffle_epi8(nibbles, picks[1]));
+  const __m256i terms23 = _mm256_add_epi8(_mm256_shuffle_epi8(nibbles, picks[2]),
+                                          _mm256_shuffle_epi8(nibbles, picks[3]));
+  return _mm256_add_epi8(terms01, terms23);
+}
+
 __attribute__((target("avx2,fma"))) void build_binary_luts_avx2(const int8_t* x, int64_t padded_k, uint8_t* luts) {
   // picks[i], per lane (group 2c + lane, codes 4 lane .. 4 lane + 3): entry e takes code i's byte of the +1 terms
   // (bytes 0-7) if bit i of e is set, else of the -1 terms (bytes 8-15).
@@ -594,11 +604,8 @@ __attribute__((target("avx2,fma"))) void build_binary_luts_avx2(const int8_t* x,
     const __m256i codes = _mm256_set1_epi64x(eight);
     // Bytes wrap mod 256, so code + 127 and 127 - code are their unsigned values in [0, 254].
     const __m256i terms = _mm256_unpacklo_epi64(_mm256_add_epi8(codes, k127), _mm256_sub_epi8(k127, codes));
-    const __m256i lo = _mm256_and_si256(terms, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(terms, 4), nibble);
-    const __m256i low = _mm256_add_epi8(_mm256_add_epi8(_mm256_shuffle_epi8(lo, picks[0]), _mm256_shuffle_epi8(lo, picks[1])),
-                                        _mm256_add_epi8(_mm256_shuffle_epi8(lo, picks[2]), _mm256_shuffle_epi8(lo, picks[3])));
-    const __m256i high = _mm256_add_epi8(_mm256_add_epi8(_mm256_shuffle_epi8(hi, picks[0]), _mm256_shuffle_epi8(hi, picks[1])),
-                                         _mm256_add_epi8(_mm256_shuffle_epi8(hi, picks[2]), _mm256_shuffle_epi8(hi, picks[3])));
+    const __m256i low = sum_picks(_mm256_and_si256(terms, nibble), picks);
+    const __m256i high = sum_picks(_mm256_and_si256(_mm256_srli_epi16(terms, 4), nibble), picks);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(luts + 2 * c * kLutBytes), low);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(luts + 2 * c * kLutBytes + 32), high);
   }
@@ -705,8 +712,10 @@ __attribute__((target("avx2,fma"))) void lut_tile_avx2(const Problem& p, const u
           _mm_prefetch(reinterpret_cast<const char*>(w[i] + c * kBinaryTile + kBinaryPrefetchBytes), _MM_HINT_T0);
           const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * kBinaryTile));
           const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + (c + 1) * kBinaryTile));
-          const __m256i even0 = _mm256_and_si256(w0, nibble), odd0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), nibble);
-          const __m256i even1 = _mm256_and_si256(w1, nibble), odd1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), nibble);
+          const __m256i even0 = _mm256_and_si256(w0, nibble);
+          const __m256i odd0 = _mm256_and_si256(_mm256_srli_epi16(w0, 4), nibble);
+          const __m256i even1 = _mm256_and_si256(w1, nibble);
+          const __m256i odd1 = _mm256_and_si256(_mm256_srli_epi16(w1, 4), nibble);
           for (int t = 0; t < TT; ++t) {
             const uint8_t* lut = luts + t * lut_bytes + 2 * c * kLutBytes;   // c: +0, c + 1: +64
             const __m256i low = _mm256_add_epi8(
