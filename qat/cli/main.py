@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     try:
-        return _run_verb(verb, rest)
+        code = _run_verb(verb, rest)
+        _release_process_group()
+        return code
     except Exception as e:  # noqa: BLE001 -- the one place where every failure becomes a message and an exit code
         message = user_error_message(e)
         if debug:
@@ -155,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qat {verb}: unexpected error: {type(e).__name__}: {_one_line(str(e), 500)} "
               f"({'traceback above' if debug else 'run with --debug for the traceback'})", file=sys.stderr)
         return 1
+
+
+def _release_process_group() -> None:
+    if "torch.distributed" in sys.modules:  # only a verb that imported torch can have set one up
+        from qat.train.strategies import release_process_group
+
+        release_process_group()
 
 
 def _run_verb(verb: str, rest: list[str]) -> int:

@@ -284,3 +284,15 @@ def _skip_shared_memory_allreduce_build() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if one was set up, while the interpreter is still whole.
+
+    Left to interpreter exit, gloo's worker threads can still hold work objects whose destruction needs the GIL; a
+    run that finished cleanly then aborts (SIGABRT, "terminate called without an active exception"), and ``srun
+    --kill-on-bad-exit`` reports the job failed (pytorch/pytorch#179291). Call it once the run is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

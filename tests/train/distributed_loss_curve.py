@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from qat.nn.bitlinear import BitLinear
 from qat.nn.config import QuantConfig
-from qat.train.strategies import build_strategy
+from qat.train.strategies import build_strategy, release_process_group
 
 GLOBAL_BATCH = 8
 SAMPLES = 64
@@ -82,6 +82,7 @@ def main() -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(curves, f)
+    release_process_group()
 
 
 if __name__ == "__main__":

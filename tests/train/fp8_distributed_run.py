@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from qat.nn.fp8_linear import FP8Config, convert_to_fp8, fp8_layers
-from qat.train.strategies import build_strategy
+from qat.train.strategies import build_strategy, release_process_group
 from tests.train.distributed_loss_curve import EPOCHS, GLOBAL_BATCH, TinyRegressor, make_data
 
 
@@ -56,6 +56,7 @@ def main() -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(curves, f)
+    release_process_group()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from qat.train.strategies import (
     WeightsOnlyDeepSpeedStrategy,
     build_strategy,
     parse_strategy,
+    release_process_group,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,3 +144,33 @@ def test_cpu_deepspeed_warns_about_slow_bf16(monkeypatch, precision, fast_bf16, 
         warnings.simplefilter("always")
         strategies._warn_if_slow_cpu_bf16(strategy.precision_plugin.precision)
     assert any("10-60x slower" in str(w.message) for w in caught) == warns
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A one-rank gloo process group in this process, with a collective done on it; torn down if a test left it."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.all_reduce(torch.ones(4))
+    yield dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_release_process_group_destroys_the_default_group(gloo_group):
+    """Left to interpreter exit, gloo's threads can abort a finished run (SIGABRT): the group goes while Python is
+    whole. A second call (no group left) is a no-op."""
+    assert gloo_group.is_initialized()
+    release_process_group()
+    assert not gloo_group.is_initialized()
+    release_process_group()
+
+
+def test_every_cli_verb_releases_the_process_group_it_ran_under(gloo_group, monkeypatch):
+    from qat.cli import main as cli_main
+
+    monkeypatch.setattr(cli_main, "_run_verb", lambda verb, rest: 0)
+    assert cli_main.main(["fit"]) == 0
+    assert not gloo_group.is_initialized()
