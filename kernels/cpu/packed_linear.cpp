@@ -55,7 +55,11 @@ namespace {
 constexpr int64_t kBlockBytes = 64;
 constexpr int64_t kIntMmMinTokens = 32;  // AMX CPUs: from this batch on, unpack to int8 and use at::_int_mm
 constexpr int64_t kBinaryTile = 32;      // rows per binary tile
-constexpr int64_t kLutMaxTokens = 8;     // binary AVX2: up to this batch every token by table lookup, above GEMM
+// Binary AVX2: up to this batch every token by table lookup, above it the unpacked-tile GEMM. The lookup's cost grows
+// by token as the GEMM's does, and it ran 1.7-2.0x torch int8 at batch 16 and 64 where the GEMM ran 0.7-0.9x (Zen 3,
+// 2 threads, 4096x4096 and 4096x11008); the bound keeps its tables (8 bytes per input and token, all built before
+// the lookups) to ~22 MB at in_features 11008.
+constexpr int64_t kLutMaxTokens = 256;
 
 // Binary AVX2 path: first token run by table lookup (earlier ones go through the unpacked-tile GEMM): all or none.
 inline int64_t first_lut_token(int64_t tokens) { return tokens <= kLutMaxTokens ? 0 : tokens; }
@@ -303,12 +307,14 @@ __attribute__((target("avx2,fma"))) inline int32_t hsum_avx2(__m256i v) {
 constexpr int64_t kChunkBlocks = 2;
 constexpr int64_t kDecodePrefetchRows = 2;
 
-// finish_row_unsigned for 4 ternary rows `spread` apart with one group, given their unsigned sums: the same IEEE
-// operations in the same order, one division for the 4 (the scalar epilogue was ~1/6 of a tile at in_features 1536).
+// finish_row_unsigned for 4 rows `spread` apart with one group, given their unsigned sums and the token's sum of
+// codes: the same IEEE operations in the same order, one division for the 4 (the scalar epilogue was ~1/6 of a tile
+// at in_features 1536).
 __attribute__((target("avx2"), always_inline)) inline void finish4_spread(const Problem& p, int32_t q0, int32_t q1,
                                                                             int32_t q2, int32_t q3, int32_t xsum,
                                                                             int64_t n0, int64_t spread, int64_t t) {
-  const __m128i dots = _mm_sub_epi32(_mm_setr_epi32(q0, q1, q2, q3), _mm_set1_epi32(xsum));   // q x - sum(x)
+  const __m128i dots = _mm_setr_epi32(p.signed_dot(q0, xsum), p.signed_dot(q1, xsum), p.signed_dot(q2, xsum),
+                                      p.signed_dot(q3, xsum));
   const float* ws = p.w_scale + n0;
   const __m128 acc = _mm_add_ps(_mm_setzero_ps(), _mm_mul_ps(_mm_cvtepi32_ps(dots),
                                 _mm_setr_ps(ws[0], ws[spread], ws[2 * spread], ws[3 * spread])));
@@ -379,6 +385,50 @@ constexpr int64_t kPrefillChunk = 1024;
 // L1 set (4K aliasing).
 constexpr int64_t kPrefillStridePad = 64;
 
+// The prefill tile's inner loop for RR = 4 rows, TT = 2 tokens: s[r][t] += vpmaddubsw(row r, token t) over columns
+// [k, k_end) (k < k_end, steps of 32), rows `stride` apart from qrows, tokens `x_stride` apart from x. In assembly:
+// GCC 12 compiled the intrinsics into 10 loads a step (two rows loaded twice), an accumulator spill and 8 register
+// copies, ~38 uops for 8 vpmaddubsw, so Zen 3's front end (6 a cycle) bound the tile below its two multiply pipes;
+// here a step is 6 loads, 8 vpmaddubsw, 8 vpaddw and the loop's 3. Measured side by side on Zen 3 (2 threads,
+// weights streamed, 4096x4096 and 4096x11008): ternary batch 8 0.75-1.06x -> 0.98-1.13x, batch 64 0.84-1.07x ->
+// 1.07-1.17x torch int8 dynamic.
+__attribute__((target("avx2"), always_inline)) inline void prefill_steps_4x2_avx2(const uint8_t* qrows, int64_t stride,
+                                                                                const int8_t* x, int64_t x_stride,
+                                                                                int64_t k, int64_t k_end,
+                                                                                __m256i (&s)[4][2]) {
+  const uint8_t *q0 = qrows, *q1 = qrows + stride, *q2 = qrows + 2 * stride, *q3 = qrows + 3 * stride;
+  asm("1:\n\t"
+      "vmovdqu (%[q0],%[k]), %%ymm10\n\t"
+      "vmovdqu (%[q1],%[k]), %%ymm11\n\t"
+      "vmovdqu (%[q2],%[k]), %%ymm12\n\t"
+      "vmovdqu (%[q3],%[k]), %%ymm13\n\t"
+      "vmovdqu (%[xa],%[k]), %%ymm14\n\t"
+      "vpmaddubsw %%ymm14, %%ymm10, %%ymm15\n\t"
+      "vpaddw %%ymm15, %[s00], %[s00]\n\t"
+      "vpmaddubsw %%ymm14, %%ymm11, %%ymm15\n\t"
+      "vpaddw %%ymm15, %[s10], %[s10]\n\t"
+      "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t"
+      "vpaddw %%ymm15, %[s20], %[s20]\n\t"
+      "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t"
+      "vpaddw %%ymm15, %[s30], %[s30]\n\t"
+      "vmovdqu (%[xb],%[k]), %%ymm14\n\t"
+      "vpmaddubsw %%ymm14, %%ymm10, %%ymm15\n\t"
+      "vpaddw %%ymm15, %[s01], %[s01]\n\t"
+      "vpmaddubsw %%ymm14, %%ymm11, %%ymm15\n\t"
+      "vpaddw %%ymm15, %[s11], %[s11]\n\t"
+      "vpmaddubsw %%ymm14, %%ymm12, %%ymm15\n\t"
+      "vpaddw %%ymm15, %[s21], %[s21]\n\t"
+      "vpmaddubsw %%ymm14, %%ymm13, %%ymm15\n\t"
+      "vpaddw %%ymm15, %[s31], %[s31]\n\t"
+      "add $32, %[k]\n\t"
+      "cmp %[k1], %[k]\n\t"
+      "jl 1b"
+      : [k] "+r"(k), [s00] "+x"(s[0][0]), [s10] "+x"(s[1][0]), [s20] "+x"(s[2][0]), [s30] "+x"(s[3][0]),
+        [s01] "+x"(s[0][1]), [s11] "+x"(s[1][1]), [s21] "+x"(s[2][1]), [s31] "+x"(s[3][1])
+      : [q0] "r"(q0), [q1] "r"(q1), [q2] "r"(q2), [q3] "r"(q3), [xa] "r"(x), [xb] "r"(x + x_stride), [k1] "r"(k_end)
+      : "cc", "memory", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+}
+
 template <int RR, int TT>
 __attribute__((target("avx2,fma"))) void prefill_tile_avx2(const Problem& p, const int32_t* xsums,
                                                           const uint8_t* qrows, int64_t stride, int64_t n0,
@@ -397,13 +447,17 @@ __attribute__((target("avx2,fma"))) void prefill_tile_avx2(const Problem& p, con
       __m256i s[RR][TT];
       for (int r = 0; r < RR; ++r)
         for (int t = 0; t < TT; ++t) s[r][t] = _mm256_setzero_si256();
-      for (int64_t k = kc; k < kc_end; k += 32) {
-        __m256i q[RR];
-        for (int r = 0; r < RR; ++r)
-          q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrows + r * stride + k));
-        for (int t = 0; t < TT; ++t) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + t * p.padded_k + k));
-          for (int r = 0; r < RR; ++r) s[r][t] = _mm256_add_epi16(s[r][t], _mm256_maddubs_epi16(q[r], xv));
+      if constexpr (RR == 4 && TT == 2) {
+        if (kc < kc_end) prefill_steps_4x2_avx2(qrows, stride, x0, p.padded_k, kc, kc_end, s);
+      } else {
+        for (int64_t k = kc; k < kc_end; k += 32) {
+          __m256i q[RR];
+          for (int r = 0; r < RR; ++r)
+            q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrows + r * stride + k));
+          for (int t = 0; t < TT; ++t) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + t * p.padded_k + k));
+            for (int r = 0; r < RR; ++r) s[r][t] = _mm256_add_epi16(s[r][t], _mm256_maddubs_epi16(q[r], xv));
+          }
         }
       }
       for (int r = 0; r < RR; ++r)
@@ -411,6 +465,13 @@ __attribute__((target("avx2,fma"))) void prefill_tile_avx2(const Problem& p, con
     }
     for (int r = 0; r < RR; ++r)
       for (int t = 0; t < TT; ++t) qx[r][t][g] = hsum_avx2(acc[r][t]);
+  }
+  if constexpr (RR == 4) {
+    if (p.groups == 1) {   // 4 adjacent rows, one division: the scalar epilogue took ~12% of the tile's time
+      for (int t = 0; t < TT; ++t)
+        finish4_spread(p, qx[0][t][0], qx[1][t][0], qx[2][t][0], qx[3][t][0], xsums[t0 + t], n0, 1, t0 + t);
+      return;
+    }
   }
   for (int r = 0; r < RR; ++r)
     for (int t = 0; t < TT; ++t) finish_row_unsigned(p, n0 + r, t0 + t, qx[r][t], xsums + (t0 + t) * p.groups);

@@ -32,11 +32,12 @@ pytestmark = pytest.mark.kernels
 # into 4-row register tiles plus single rows, unpacked rows padded off 4 KiB strides (in_features 4096, 8192).
 # Decode (1 token) splits each thread's rows into 4 spread streams (ternary, AVX-512 and AVX2) or spread 32-row tiles
 # (binary: 4 on AVX-512 VBMI and on AVX2) plus leftovers: 130 / 293 / 300 rows (300: 5 tiles a thread, the last one
-# partial, row scales), per-group scales.
+# partial, row scales), per-group scales. Binary on AVX2 takes the table lookup up to 256 tokens and the unpacked
+# 4 x 2 tile above (257, 258 tokens), which ternary on AVX2 takes from 2 tokens on.
 SHAPES = [(1, 1, 1, 1), (1, 7, 300, 1), (1, 130, 4096, 1), (1, 293, 1024, 2), (1, 300, 2048, 1), (1, 97, 1536, 3),
           (3, 33, 1000, 1), (5, 16, 1024, 2), (9, 65, 517, 1), (40, 24, 700, 1),
           (33, 19, 1536, 3), (2, 4, 4096, 4), (6, 6, 256, 1), (7, 37, 4096, 1), (8, 35, 1024, 2), (13, 3, 777, 1),
-          (64, 70, 1536, 3), (11, 64, 8192, 16)]
+          (64, 70, 1536, 3), (11, 64, 8192, 16), (257, 37, 300, 1), (258, 9, 1024, 2)]
 
 
 @pytest.fixture(params=CPU_PATHS)
@@ -148,11 +149,11 @@ def test_nan_input_counts_as_minus_absmax_on_every_native_path(monkeypatch, bits
 
 @pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
 @pytest.mark.parametrize("sign", [1, -1])
-@pytest.mark.parametrize("tokens", [1, 5, 13])
+@pytest.mark.parametrize("tokens", [1, 5, 13, 257])
 def test_extreme_dots_do_not_overflow_narrow_accumulators(forced_path, bits, sign, tokens):
     """Every activation code at +-127 and every weight code at +-1: the largest dots the int16 lanes (vpmaddubsw sums,
     table-lookup sums) and the GEMM's int32 lanes ever hold, over 8192 inputs, for decode (1 token), a 4-token tile
-    and a decode token (5), and GEMM tiles (13)."""
+    and a decode token (5), GEMM tiles (13), and AVX2's binary tile GEMM past the table lookup's 256 tokens (257)."""
     rows, k = 37, 8192
     codes = torch.full((rows, k), sign)
     packed = PACKERS[bits](codes)

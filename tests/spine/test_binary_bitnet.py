@@ -20,7 +20,7 @@ def test_binary_recipe_runs_the_whole_pipeline_on_1bit_kernels(tmp_path):
     result = run_qat("run", "--config", RECIPE, "--trainer.max_steps=8", "--trainer.val_check_interval=4",
                      "--trainer.limit_val_batches=1", "--run.checkpoint_every_n_steps=4",
                      "--trainer.enable_progress_bar=false", "--model.optim.warmup_steps=2",
-                     f"--trainer.default_root_dir={run_dir}")
+                     f"--trainer.default_root_dir={run_dir}", "--eval_max_blocks=8")
     assert result.returncode == 0, result.stderr[-3000:]
     export_dir = next(run_dir.glob("export-hf*"))
     evaluation = json.loads((export_dir / "eval.json").read_text())
