@@ -390,8 +390,8 @@ constexpr int64_t kPrefillStridePad = 64;
 // GCC 12 compiled the intrinsics into 10 loads a step (two rows loaded twice), an accumulator spill and 8 register
 // copies, ~38 uops for 8 vpmaddubsw, so Zen 3's front end (6 a cycle) bound the tile below its two multiply pipes;
 // here a step is 6 loads, 8 vpmaddubsw, 8 vpaddw and the loop's 3. Measured side by side on Zen 3 (2 threads,
-// weights streamed, 4096x4096 and 4096x11008): ternary batch 8 0.75-1.06x -> 0.98-1.13x, batch 64 0.84-1.07x ->
-// 1.07-1.17x torch int8 dynamic.
+// weights streamed, 4096x4096 and 4096x11008): ternary batch 8 0.75-1.06x -> 0.92-1.28x, batch 64 0.84-1.07x ->
+// 1.07-1.28x torch int8 dynamic.
 __attribute__((target("avx2"), always_inline)) inline void prefill_steps_4x2_avx2(const uint8_t* qrows, int64_t stride,
                                                                                 const int8_t* x, int64_t x_stride,
                                                                                 int64_t k, int64_t k_end,
