@@ -481,7 +481,7 @@ __attribute__((target("avx2,fma"))) void prefill_tile_avx2(const Problem& p, con
 // first load, 30% of the tile's time at batch 8: the tiles issue no weight loads, so the hardware prefetcher idled
 // between row blocks); the tiles now prefetch them, a slice per register tile (issued at once, the misses queued behind
 // the L1's miss buffers: 5% of the time in the prefetch loop). Zen 3, 2 threads, weights streamed, 3 A/B rounds:
-// ternary batch 8 1.10-1.20x -> 1.14-1.34x torch int8 dynamic (4096x4096 and 4096x11008).
+// ternary batch 8 1.09-1.20x -> 1.14-1.34x torch int8 dynamic (4096x4096 and 4096x11008).
 struct NextRows {
   const uint8_t* bytes = nullptr;
   int64_t size = 0;
@@ -957,9 +957,9 @@ void binary_tiles_avx2(const Problem& p, const int32_t* xsums, const uint8_t* lu
   if (first > 0) {   // prefill: a tile unpacked at a time (in L2), tokens [0, first)
     const int64_t stride = p.padded_k + kPrefillStridePad;
     std::vector<uint8_t> qrows(kBinaryTile * stride);
+    const int64_t tile_bytes = kBinaryTile * p.row_bytes;
     for (int64_t tile = tile0; tile < tile1; ++tile) {
       unpack_binary_tile(p, tile, qrows.data(), stride);
-      const int64_t tile_bytes = kBinaryTile * p.row_bytes;
       const NextRows next{p.w + (tile + 1) * tile_bytes, tile + 1 < tile1 ? tile_bytes : 0};
       prefill_rows_avx2(p, xsums, qrows.data(), stride, tile * kBinaryTile,
                         std::min(kBinaryTile, p.rows - tile * kBinaryTile), first, next);
