@@ -1,6 +1,6 @@
 """Packed low-bit kernels vs torch's dense and low-bit CPU paths, side by side in one run.
 
-    python bench/kernels.py [--threads 2] [--reps 30] [--shapes 4096x4096] [--e2e-models 700M,1.3B,8x2048]
+    python bench/kernels.py [--threads 2] [--reps 30] [--shapes 4096x4096] [--e2e-models 700M,24x2048,1.3B,8x2048]
         [--skip-kernels] [--skip-e2e]
 
 For (K, N) in (2048, 2048), (4096, 4096), (4096, 11008) and batch 1, 8, 64, times y = x W^T for: torch fp32 and bf16
@@ -16,8 +16,9 @@ recipe's form: packed (``pack_model``, ternary and binary; decoded by HF ``gener
 llama.cpp (llama-cpp-python) running qat's GGUF TQ2_0 / TQ1_0 export of the ternary model (shapes whose widths are
 multiples of 256 only), and a breakdown of one qat decode step. Models (``E2E_MODELS``): ``700M`` and ``1.3B`` = the
 BitNet b1.58 shapes of the paper's FAQ (hidden 1536 / 2048, FFN 4096 / 5460, 24 / 32 heads, 24 layers, LLaMA
-vocabulary 32000), ``8x2048`` = 8 layers of hidden 2048, FFN 5632, whose fp32 ``lm_head`` is a much larger share of
-the packed model's bytes, ``tiny`` = the tiny recipes' shape (a smoke run).
+vocabulary 32000), ``24x2048`` = the 1.3B shape with FFN 5632 (a whole number of GGUF's 256-weight blocks, so
+llama.cpp runs it; issue 14's second shape), ``8x2048`` = 8 layers of it (16 heads), whose fp32 ``lm_head`` is a much
+larger share of the packed model's bytes, ``tiny`` = the tiny recipes' shape (a smoke run).
 """
 
 import argparse
@@ -40,8 +41,9 @@ from qat.pack.kernel_layout import BINARY_TILE, Q8_0_CHUNK, padded_in_features
 SHAPES = [(2048, 2048), (4096, 4096), (4096, 11008)]
 HEAD_SHAPES = [(32000, 1536), (32000, 2048)]   # lm_head of the end-to-end models
 # name -> (layers, hidden, intermediate, heads, vocab)
-E2E_MODELS = {"700M": (24, 1536, 4096, 24, 32000), "1.3B": (24, 2048, 5460, 32, 32000),
-              "8x2048": (8, 2048, 5632, 16, 32000), "tiny": (4, 256, 768, 4, 4096)}
+E2E_MODELS = {"700M": (24, 1536, 4096, 24, 32000), "24x2048": (24, 2048, 5632, 32, 32000),
+              "1.3B": (24, 2048, 5460, 32, 32000), "8x2048": (8, 2048, 5632, 16, 32000),
+              "tiny": (4, 256, 768, 4, 4096)}
 BATCHES = [1, 8, 64]
 INT4_GROUP = 128
 
@@ -258,16 +260,18 @@ def hf_runner(model):
 
 def decode_step_breakdown(decoder, reps: int = 20) -> dict:
     """Milliseconds of one decode step of ``decoder`` (a ``PackedDecoder`` after a 16-token prompt), and of its parts
-    run alone on same-shaped inputs: the packed matmuls (fused q/k/v, o, fused up/gate, down of every layer), the
-    full-precision head (final norm + lm_head); the rest (norms, RoPE, attention, cache, Python) is the difference."""
+    run alone on same-shaped inputs: the packed matmuls (fused q/k/v, o, fused up/gate, down of every layer, each
+    with the RMSNorm of its input), the full-precision head (final norm + lm_head); the rest (RoPE, attention, cache,
+    residual adds, FFN activation, Python) is the difference."""
     from qat.nn.decoder import rms_norm  # here: transformers imports a module named ``kernels`` (this file's name)
 
     hidden = decoder.config.hidden_size
     token = torch.zeros(1, 1, dtype=torch.long)
     buf = decoder.step_buffers
-    x = torch.randn(1, hidden)
-    inner = torch.randn(1, decoder.config.intermediate_size)
-    residual = torch.cat((x, buf.residual[:, -1:]), dim=-1)
+    floor = buf.residual[:, -1:]     # rms_floor: the layers' inputs carry it as a last column
+    residual = torch.cat((torch.randn(1, hidden), floor), dim=-1)
+    x = residual[:, :-1]
+    inner = torch.cat((torch.randn(1, decoder.config.intermediate_size), floor), dim=-1)
 
     def step():
         decoder.length = 16   # the cache's contents do not change the time
@@ -275,8 +279,8 @@ def decode_step_breakdown(decoder, reps: int = 20) -> dict:
 
     def packed():   # as the decoder calls them: bound to their kernel (``bind_packed_linear``)
         for layer in decoder.layers:
-            layer.qkv(x, buf.qkv), layer.o_proj(x, buf.o)
-            layer.up_gate(x, buf.up_gate), layer.down_proj(inner, buf.down)
+            layer.qkv(residual, buf.qkv), layer.o_proj(residual, buf.o)
+            layer.up_gate(residual, buf.up_gate), layer.down_proj(inner, buf.down)
 
     with torch.no_grad():
         decoder.reset(17)
@@ -476,7 +480,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES),
                         help="comma-separated KxN of the kernel table")
     parser.add_argument("--skip-e2e", action="store_true")
-    parser.add_argument("--e2e-models", default="700M,1.3B,8x2048",
+    parser.add_argument("--e2e-models", default="700M,24x2048,1.3B,8x2048",
                         help=f"comma-separated, from: {', '.join(E2E_MODELS)}")
     parser.add_argument("--e2e-tokens", type=int, default=32)
     args = parser.parse_args()

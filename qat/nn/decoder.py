@@ -4,10 +4,11 @@ HF's ``generate`` spends most of a packed model's decode step outside the packed
 mask construction, per-layer module dispatch, logits processors). This loop runs the same math on the model's own
 weights: a static KV cache preallocated for the whole sequence, q/k/v and up/gate fused into one packed matmul each
 (one pass over the packed weights, one int8 quantization of the shared input, which the separate layers would each
-repeat with identical results), called straight on their kernel. A decode step's work between the matmuls is a short
-fixed list of aten calls on preallocated buffers (about 20 per layer, where HF's modules take about 70): RMSNorm in
-3 ops, RoPE as one complex multiply (q/k rows in Meta's pair order), attention as two ``bmm`` and a softmax over the
-cache (GQA without copies); a prompt (several positions) runs ``scaled_dot_product_attention``.
+repeat with identical results), called straight on their kernel, which also computes the RMSNorm before each of
+them. A decode step's work between the matmuls is a short fixed list of aten calls on preallocated buffers (about 10
+per layer, where HF's modules take about 70): RoPE as one complex multiply (q/k rows in Meta's pair order),
+attention as two ``bmm`` and a softmax over the cache (GQA without copies); a prompt (several positions) runs
+``scaled_dot_product_attention``.
 Logits equal the packed HF model's to fp32 rounding, which differs in the last bit from HF's modules and so can move
 an int8 activation code that lands at a rounding boundary by one step, as between an fp32 HF export and its QAT
 model (``qat/eval/agreement.py``; ``tests/nn/test_decoder.py``).
@@ -30,7 +31,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 
 from qat.errors import QATError
-from qat.kernels.packed_linear import bind_packed_linear
+from qat.kernels.packed_linear import bind_packed_linear, rms_norm
 from qat.nn.packed_linear import PACKERS, PackedLinear, Q8_0Linear
 
 
@@ -73,15 +74,6 @@ def fuse_packed_linears(layers: list[PackedLinear]) -> PackedLinear:
                           for layer in layers])
     return PackedLinear(first.in_features, codes.shape[0], first.bits, PACKERS[first.bits](codes), scale,
                         first.group_size, first.activation, bias)
-
-
-def rms_norm(x: torch.Tensor, x_and_floor: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """HF's ``BitNetRMSNorm`` over n features, ``w * x / sqrt(mean(x²) + eps)``, computed as
-    ``(w * sqrt(n)) * x / |(x, sqrt(n * eps))|``: ``x_and_floor`` is ``x`` with each row followed by sqrt(n * eps) (the
-    same buffer: ``x`` is a view of its first n columns; ``rms_floor``) and ``weight`` is ``w * sqrt(n)``. The same
-    value to fp32 rounding in 3 aten ops where HF's form takes 7 and ``F.rms_norm``'s composite 10: a decode step
-    runs 4 norms per layer, and each op costs 1.5-4 µs there."""
-    return torch.div(x, torch.linalg.vector_norm(x_and_floor, 2, -1, True)).mul_(weight)
 
 
 def rms_floor(n: int, eps: float) -> float:
@@ -128,8 +120,10 @@ def rope_table(inv_freq: torch.Tensor, scaling: float, positions: int) -> torch.
     return torch.complex(freqs.cos() * scaling, freqs.sin() * scaling)[:, None]
 
 
-def _bind(layer: PackedLinear) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    matmul = bind_packed_linear(layer.packed, layer.scale, layer.bits, layer.in_features, layer.group_size)
+def _bind(layer: PackedLinear, norm_weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(x_and_floor, out) -> out``: ``layer`` on the ``rms_norm`` of its input, the norm inside the native call."""
+    matmul = bind_packed_linear(layer.packed, layer.scale, layer.bits, layer.in_features, layer.group_size,
+                                norm_weight)
     if layer.bias is None:
         return matmul
     bias = layer.bias.float()
@@ -145,17 +139,14 @@ def _activation(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 class _Layer(NamedTuple):
     """One decoder layer, as the forward loop unpacks it: its packed matmuls with q/k/v and up/gate fused
-    (``attention_qkv``, ``fuse_packed_linears``), bound to their kernel (``bind_packed_linear``: ``(x, out) -> out``);
-    its FFN activation, in place; its norms' ``rms_norm`` weights."""
+    (``attention_qkv``, ``fuse_packed_linears``), each bound to its kernel with the norm before it (input, attention
+    sub-norm, post-attention, FFN sub-norm; ``bind_packed_linear``: ``(x_and_floor, out) -> out``); its FFN
+    activation, in place."""
     qkv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     o_proj: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     up_gate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     down_proj: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     act: Callable[[torch.Tensor], torch.Tensor]
-    input_norm: torch.Tensor
-    attn_sub_norm: torch.Tensor
-    post_norm: torch.Tensor
-    ffn_sub_norm: torch.Tensor
 
 
 class _Buffers:
@@ -237,8 +228,9 @@ class PackedDecoder:
             qkv = attention_qkv(attn, self.heads, self.kv_heads, self.head_dim)
             up_gate = fuse_packed_linears([mlp.up_proj, mlp.gate_proj])
             layer_norms = (layer.input_layernorm, attn.attn_sub_norm, layer.post_attention_layernorm, mlp.ffn_sub_norm)
-            self.layers.append(_Layer(*(_bind(layer) for layer in (qkv, attn.o_proj, up_gate, mlp.down_proj)),
-                                      _activation(mlp.act_fn), *(rms_norm_weight(norm) for norm in layer_norms)))
+            self.layers.append(_Layer(*(_bind(matmul, rms_norm_weight(norm)) for matmul, norm in
+                                        zip((qkv, attn.o_proj, up_gate, mlp.down_proj), layer_norms)),
+                                      _activation(mlp.act_fn)))
             norms += layer_norms
         self.final_norm = rms_norm_weight(inner.norm)
         eps = {norm.variance_epsilon for norm in norms}
@@ -278,7 +270,7 @@ class PackedDecoder:
         step = tokens == 1
         buf = self.step_buffers if step else self._buffers(tokens)
         residual, x, qkv, qk, new_kv, q = buf.residual, buf.x, buf.qkv, buf.qk, buf.new_kv, buf.q
-        attn_and_floor, attn, attn_heads, o = buf.attn_and_floor, buf.attn, buf.attn_heads, buf.o
+        attn_and_floor, attn_heads, o = buf.attn_and_floor, buf.attn_heads, buf.o
         up_gate, up, gate, ffn_and_floor, down = buf.up_gate, buf.up, buf.gate, buf.ffn_and_floor, buf.down
         rope = self.rope[start:end]                             # (T, 1, head_dim / 2) complex
         slots = self.kv_cache[:, :, :, start:end].unbind(0)     # per layer (2, kv_heads, T, head_dim)
@@ -290,9 +282,10 @@ class PackedDecoder:
             gqa = self.heads > self.kv_heads
         bmm, softmax = torch.bmm, torch.softmax
         x.copy_(F.embedding(ids[0], self.embed.weight))
-        for (qkv_proj, o_proj, up_gate_proj, down_proj, act, input_norm, attn_sub_norm, post_norm, ffn_sub_norm), \
-                slot, layer_keys, layer_values in zip(self.layers, slots, keys, values):
-            qkv_proj(rms_norm(x, residual, input_norm), qkv)   # q comes out scaled by 1 / sqrt(head_dim)
+        # Each packed matmul normalizes its input itself (``_bind``): it reads the buffer with the floor column.
+        for (qkv_proj, o_proj, up_gate_proj, down_proj, act), slot, layer_keys, layer_values in \
+                zip(self.layers, slots, keys, values):
+            qkv_proj(residual, qkv)   # q comes out scaled by 1 / sqrt(head_dim)
             qk.mul_(rope)
             slot.copy_(new_kv)
             if step:
@@ -301,10 +294,10 @@ class PackedDecoder:
                 attn_heads.copy_(F.scaled_dot_product_attention(
                     q, layer_keys[None], layer_values[None], attn_mask=mask, is_causal=mask is None, scale=1.0,
                     enable_gqa=gqa)[0])
-            x.add_(o_proj(rms_norm(attn, attn_and_floor, attn_sub_norm), o))
-            up_gate_proj(rms_norm(x, residual, post_norm), up_gate)
-            ffn = act(gate).mul_(up)
-            x.add_(down_proj(rms_norm(ffn, ffn_and_floor, ffn_sub_norm), down))
+            x.add_(o_proj(attn_and_floor, o))
+            up_gate_proj(residual, up_gate)
+            act(gate).mul_(up)                                      # the FFN product, over gate
+            x.add_(down_proj(ffn_and_floor, down))
         self.length = end
         # The head over every prompt position is a vocab-wide GEMM that greedy decoding never reads.
         if last_only:

@@ -16,12 +16,14 @@ from qat.kernels.packed_linear import (
     selected_path,
 )
 from qat.pack.kernel_layout import pack_q8_0
+from qat.quant.activation import absmax_int8_per_token
 from qat.quant.q8_0 import quantize_q8_0
 from tests.references.packed_linear_reference import (
     PACKERS,
     assert_matches_reference,
     assert_q8_0_matches_reference,
     random_problem,
+    reference_packed_linear,
 )
 
 pytestmark = pytest.mark.kernels
@@ -82,6 +84,40 @@ def test_bound_packed_linear_writes_packed_linears_output(forced_path, bits):
         matmul(x, torch.empty(5, 32))
     with pytest.raises(RuntimeError, match="input has 999 features, layer expects 1000"):
         matmul(x[:, :999], out)
+
+
+@pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 300.0])
+def test_bound_packed_linear_with_norm_is_the_packed_linear_of_the_rms_norm(forced_path, bits, magnitude):
+    """``bind_packed_linear(..., norm_weight)`` (the decoder's norm + matmul in one call), on every path, against
+    the float64 reference of the packed linear of the float64 RMSNorm: the input rows carry their floor sqrt(n * eps)
+    as a last column (which dominates the norm of the 1e-3 inputs) and sit in a wider buffer (the decoder's FFN
+    product); the output is exact up to activation codes within 1e-4 of a rounding boundary (the norm is fp32, a
+    code there may land either side), one integer step each. A wrong norm scales every output: many steps off."""
+    tokens, rows, n, eps = 5, 33, 1000, 1e-6
+    codes, packed, scale, x = random_problem(bits, tokens, rows, n, 1, seed=int(magnitude * 7) + bits)
+    x = x / x.abs().amax(-1, keepdim=True) * magnitude
+    weight = torch.randn(n, generator=torch.Generator().manual_seed(bits)) * 2
+    wide = torch.full((tokens, n + 9), float("nan"))
+    wide[:, 3:3 + n], wide[:, 3 + n] = x, (n * eps) ** 0.5
+    x_and_floor = wide[:, 3:4 + n]                                  # rows of stride n + 9
+    out = torch.full((tokens, rows), float("nan"))
+    assert bind_packed_linear(packed, scale, bits, n, n, norm_weight=weight)(x_and_floor, out) is out
+
+    x64 = x_and_floor.double()
+    normed = (x64[:, :n] / x64.norm(dim=-1, keepdim=True) * weight.double()).float()
+    ref = reference_packed_linear(normed, codes, scale)
+    _, x_scale = absmax_int8_per_token(normed)
+    scaled = normed.double() * x_scale.double()
+    boundary = ((scaled.abs() - scaled.abs().floor() - 0.5).abs() < 1e-4).sum(-1, keepdim=True)   # (tokens, 1)
+    step = scale.double().min() / x_scale.double()
+    assert torch.isfinite(out).all()
+    err_in_steps = (out.double() - ref).abs() / step
+    assert (err_in_steps <= boundary + 0.05).all(), f"max error {err_in_steps.max():.3g} steps"
+    if forced_path == "torch":
+        return
+    with pytest.raises(RuntimeError, match="must be float32 \\(tokens, 1001\\)"):
+        bind_packed_linear(packed, scale, bits, n, n, norm_weight=weight)(x, out)
 
 
 @pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
