@@ -261,8 +261,8 @@ def hf_runner(model):
 def decode_step_breakdown(decoder, reps: int = 20) -> dict:
     """Milliseconds of one decode step of ``decoder`` (a ``PackedDecoder`` after a 16-token prompt), and of its parts
     run alone on same-shaped inputs: the packed matmuls (fused q/k/v, o, fused up/gate, down of every layer, each
-    with the RMSNorm of its input), the full-precision head (final norm + lm_head); the rest (RoPE, attention, cache,
-    residual adds, FFN activation, Python) is the difference."""
+    with the RMSNorm of its input and its epilogue: residual add, FFN activation), the full-precision head (final
+    norm + lm_head); the rest (attention with RoPE and the cache write, embedding, Python) is the difference."""
     from qat.nn.decoder import rms_norm  # here: transformers imports a module named ``kernels`` (this file's name)
 
     hidden = decoder.config.hidden_size
@@ -277,10 +277,12 @@ def decode_step_breakdown(decoder, reps: int = 20) -> dict:
         decoder.length = 16   # the cache's contents do not change the time
         decoder.forward(token)
 
+    scratch = torch.zeros(1, hidden)   # what o and down add their outputs into (the decoder: the residual stream)
+
     def packed():   # as the decoder calls them: bound to their kernel (``bind_packed_linear``)
         for layer in decoder.layers:
-            layer.qkv(residual, buf.qkv), layer.o_proj(residual, buf.o)
-            layer.up_gate(residual, buf.up_gate), layer.down_proj(inner, buf.down)
+            layer.qkv(residual, buf.qkv), layer.o_proj(residual, scratch)
+            layer.up_gate(residual, buf.up_gate), layer.down_proj(inner, scratch)
 
     with torch.no_grad():
         decoder.reset(17)

@@ -1657,33 +1657,168 @@ void rms_norm_rows(const at::Tensor& x_and_floor, const float* w, int64_t n, flo
 //
 // With a norm weight it first applies rms_norm_rows to its input, x (tokens, in_features + 1): every matmul input
 // of a BitNet decoder layer is such a norm's output, and its 3 aten ops took 15-35 us a norm (measured in a 700M
-// decode step and alone, Zen 3), this loop a few us.
+// decode step and alone, Zen 3), this loop a few us. Its epilogues, in this order, replace the aten ops that followed
+// each matmul of a layer (2-5 us each in a decode step): `bias` is added; `gated` (kSiLU, kReLU2) takes the output's
+// halves as up and gate (the fused up/gate matmul) and leaves act(gate) * up in the gate half, with torch's formulas
+// and roundings (F.silu: g / (1 + exp(-g)); relu(g) squared) up to exp's last bit; `residual` adds the result to out
+// (the residual stream) instead of writing it.
+enum GatedActivation : int64_t { kNone = 0, kSiLU = 1, kReLU2 = 2 };
+
+void gated_product(float* y, int64_t tokens, int64_t width, int64_t act) {
+  const int64_t half = width / 2;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* up = y + t * width;
+    float* gate = y + t * width + half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float g = gate[i];
+      const float r = g > 0.0f ? g : 0.0f;
+      gate[i] = (act == kSiLU ? g / (1.0f + std::exp(-g)) : r * r) * up[i];
+    }
+  }
+}
+
 struct BoundPackedLinear {
-  at::Tensor packed, scale, norm_weight;   // norm_weight undefined: no norm
+  at::Tensor packed, scale, norm_weight, bias;   // undefined: no norm, no bias
   int64_t bits, in_features, group_size;
   std::string path;
+  bool residual;
+  int64_t gated;
   void operator()(const at::Tensor& x, at::Tensor out) const {
-    if (!norm_weight.defined()) {
-      packed_linear_out(x, packed, scale, bits, in_features, group_size, path, std::move(out));
-      return;
+    at::Tensor input = x;
+    if (norm_weight.defined()) {
+      TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == in_features + 1 && x.stride(1) == 1,
+                  "packed_linear with RMSNorm: input must be float32 (tokens, ", in_features + 1,
+                  ") with unit column stride (each row followed by its floor), got ", x.scalar_type(), " ", x.sizes());
+      thread_local std::vector<float> normed;
+      normed.resize(x.size(0) * in_features);
+      rms_norm_rows(x, norm_weight.data_ptr<float>(), in_features, normed.data());
+      input = at::from_blob(normed.data(), {x.size(0), in_features}, x.options());
     }
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == in_features + 1 && x.stride(1) == 1,
-                "packed_linear with RMSNorm: input must be float32 (tokens, ", in_features + 1,
-                ") with unit column stride (each row followed by its floor), got ", x.scalar_type(), " ", x.sizes());
-    thread_local std::vector<float> normed;
-    normed.resize(x.size(0) * in_features);
-    rms_norm_rows(x, norm_weight.data_ptr<float>(), in_features, normed.data());
-    packed_linear_out(at::from_blob(normed.data(), {x.size(0), in_features}, x.options()), packed, scale, bits,
-                      in_features, group_size, path, std::move(out));
+    if (!residual && gated == kNone && !bias.defined()) return packed_linear_out(input, packed, scale, bits, in_features, group_size,
+                                                              path, std::move(out));
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2,
+                "packed_linear with an epilogue: out must be contiguous float32 (tokens, out_features), got ",
+                out.sizes());
+    at::Tensor y = out;
+    thread_local std::vector<float> result;
+    if (residual) {
+      result.resize(out.numel());
+      y = at::from_blob(result.data(), out.sizes(), out.options());
+    }
+    packed_linear_out(input, packed, scale, bits, in_features, group_size, path, y);
+    if (bias.defined()) {
+      float* yp = y.data_ptr<float>();
+      const float* b = bias.data_ptr<float>();
+      for (int64_t t = 0; t < out.size(0); ++t)
+        for (int64_t i = 0; i < out.size(1); ++i) yp[t * out.size(1) + i] += b[i];
+    }
+    if (gated != kNone) gated_product(y.data_ptr<float>(), out.size(0), out.size(1), gated);
+    if (residual) {
+      float* o = out.data_ptr<float>();
+      for (int64_t i = 0; i < out.numel(); ++i) o[i] += result[i];
+    }
+  }
+};
+
+// The decoder's attention of one new position (qat.nn.decoder.decode_attention_torch is its definition), bound to a
+// static KV cache and its RoPE table, called from Python once per layer and step: torch took 5 ops (RoPE's complex
+// multiply, the cache copy, bmm, softmax, bmm) and 3 views per layer, 60-90 us a layer in a 700M decode step (Zen 3),
+// each op's dispatch costing more than its arithmetic at these sizes.
+// Layouts: qkv (1, (heads + 2 kv_heads) * d): q heads, k heads, v heads, each head's dims in RoPE's pair order
+// (adjacent values rotate together); kv_cache (layers, 2, kv_heads, max_len, d), keys then values; rope
+// (max_len, d / 2, 2): cos and sin (scaled) of each position and frequency; out (1, heads * d).
+struct BoundDecodeAttention {
+  at::Tensor rope, kv_cache;
+  int64_t layers, kv_heads, max_len, d;
+
+  BoundDecodeAttention(at::Tensor rope_, at::Tensor kv_cache_) : rope(std::move(rope_)), kv_cache(std::move(kv_cache_)) {
+    TORCH_CHECK(kv_cache.scalar_type() == at::kFloat && kv_cache.dim() == 5 && kv_cache.size(1) == 2 &&
+                    kv_cache.is_contiguous() && kv_cache.size(4) % 2 == 0,
+                "decode attention: kv_cache must be contiguous float32 (layers, 2, kv_heads, max_len, head_dim) "
+                "with an even head_dim, got ", kv_cache.scalar_type(), " ", kv_cache.sizes());
+    layers = kv_cache.size(0), kv_heads = kv_cache.size(2), max_len = kv_cache.size(3), d = kv_cache.size(4);
+    TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.numel() == max_len * d,
+                "decode attention: rope must be contiguous float32 (max_len=", max_len, ", head_dim / 2, 2), got ",
+                rope.scalar_type(), " ", rope.sizes());
+  }
+
+  void operator()(at::Tensor qkv, int64_t layer, int64_t position, at::Tensor out) const {
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == 1 && out.stride(1) == 1 &&
+                    out.size(1) % (kv_heads * d) == 0,
+                "decode attention: out must be float32 (1, heads * head_dim) with unit stride, heads a multiple of "
+                "kv_heads=", kv_heads, ", got ", out.sizes());
+    const int64_t heads = out.size(1) / d, groups = heads / kv_heads;
+    TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 2 && qkv.is_contiguous() &&
+                    qkv.numel() == (heads + 2 * kv_heads) * d,
+                "decode attention: qkv must be contiguous float32 (1, ", (heads + 2 * kv_heads) * d, "), got ",
+                qkv.sizes());
+    TORCH_CHECK(0 <= layer && layer < layers && 0 <= position && position < max_len,
+                "decode attention: layer ", layer, " / position ", position, " outside the cache's ", layers,
+                " layers / ", max_len, " positions");
+    float* v = qkv.data_ptr<float>();
+    const float* cs = rope.data_ptr<float>() + position * d;
+    // RoPE as torch's complex multiply rounds it: (a + ib)(c + is) = (ac - bs) + i(as + bc).
+    for (int64_t h = 0; h < heads + kv_heads; ++h) {
+      float* p = v + h * d;
+      for (int64_t i = 0; i < d; i += 2) {
+        const float a = p[i], b = p[i + 1], c = cs[i], s = cs[i + 1];
+        p[i] = a * c - b * s;
+        p[i + 1] = a * s + b * c;
+      }
+    }
+    float* keys = kv_cache.data_ptr<float>() + layer * 2 * kv_heads * max_len * d;   // (kv_heads, max_len, d)
+    float* values = keys + kv_heads * max_len * d;
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      std::memcpy(keys + (g * max_len + position) * d, v + (heads + g) * d, d * sizeof(float));
+      std::memcpy(values + (g * max_len + position) * d, v + (heads + kv_heads + g) * d, d * sizeof(float));
+    }
+    const int64_t length = position + 1;
+    float* y = out.data_ptr<float>();
+    // Threads only where a chunk of heads is worth a wake-up (a few us): ~16k multiply-adds each.
+    const int64_t grain = std::max<int64_t>(1, 16384 / (length * d));
+    at::parallel_for(0, heads, grain, [&](int64_t h0, int64_t h1) {
+      std::vector<float> p(length);
+      for (int64_t h = h0; h < h1; ++h) {
+        const float* q = v + h * d;
+        const float* k = keys + (h / groups) * max_len * d;
+        const float* vals = values + (h / groups) * max_len * d;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < length; ++j) {
+          float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};   // 8 partial sums: the loop vectorizes
+          const float* kj = k + j * d;
+          int64_t i = 0;
+          for (; i + 8 <= d; i += 8)
+            for (int l = 0; l < 8; ++l) part[l] += q[i + l] * kj[i + l];
+          for (; i < d; ++i) part[0] += q[i] * kj[i];
+          p[j] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+          top = std::max(top, p[j]);
+        }
+        float sum = 0;
+        for (int64_t j = 0; j < length; ++j) sum += p[j] = std::exp(p[j] - top);
+        const float inv = 1.0f / sum;
+        float* o = y + h * d;
+        std::fill(o, o + d, 0.0f);
+        for (int64_t j = 0; j < length; ++j) {
+          const float w = p[j] * inv;
+          const float* vj = vals + j * d;
+          for (int64_t i = 0; i < d; ++i) o[i] += w * vj[i];
+        }
+      }
+    });
   }
 };
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<BoundDecodeAttention>(m, "BoundDecodeAttention")
+      .def(pybind11::init<at::Tensor, at::Tensor>(), pybind11::arg("rope"), pybind11::arg("kv_cache"))
+      .def("__call__", &BoundDecodeAttention::operator(), pybind11::arg("qkv"), pybind11::arg("layer"),
+           pybind11::arg("position"), pybind11::arg("out"), pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<BoundPackedLinear>(m, "BoundPackedLinear")
       .def(pybind11::init([](at::Tensor packed, at::Tensor scale, int64_t bits, int64_t in_features,
-                             int64_t group_size, std::string path, std::optional<at::Tensor> norm_weight) {
+                             int64_t group_size, std::string path, std::optional<at::Tensor> norm_weight,
+                             std::optional<at::Tensor> bias, bool residual, std::string gated_activation) {
              at::Tensor norm;
              if (norm_weight) {
                norm = norm_weight->contiguous();
@@ -1691,11 +1826,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            "BoundPackedLinear: norm_weight must be float32 of in_features=", in_features,
                            " values, got ", norm.scalar_type(), " ", norm.sizes());
              }
-             return BoundPackedLinear{std::move(packed), std::move(scale), std::move(norm), bits, in_features,
-                                      group_size, std::move(path)};
+             const int64_t gated = gated_activation.empty()       ? kNone
+                                   : gated_activation == "silu"  ? kSiLU
+                                   : gated_activation == "relu2" ? kReLU2
+                                                                 : -1;
+             TORCH_CHECK(gated >= 0, "BoundPackedLinear: gated_activation must be '', 'silu' or 'relu2', got '",
+                         gated_activation, "'");
+             at::Tensor bias_values;
+             if (bias) {
+               bias_values = bias->contiguous();
+               TORCH_CHECK(bias_values.scalar_type() == at::kFloat && bias_values.numel() == scale.size(0),
+                           "BoundPackedLinear: bias must be float32 of out_features=", scale.size(0), " values, got ",
+                           bias_values.scalar_type(), " ", bias_values.sizes());
+             }
+             return BoundPackedLinear{std::move(packed), std::move(scale), std::move(norm), std::move(bias_values), bits,
+                                      in_features, group_size, std::move(path), residual, gated};
            }),
            pybind11::arg("packed"), pybind11::arg("scale"), pybind11::arg("bits"), pybind11::arg("in_features"),
-           pybind11::arg("group_size"), pybind11::arg("path"), pybind11::arg("norm_weight") = pybind11::none())
+           pybind11::arg("group_size"), pybind11::arg("path"), pybind11::arg("norm_weight") = pybind11::none(),
+           pybind11::arg("bias") = pybind11::none(), pybind11::arg("residual") = false, pybind11::arg("gated_activation") = "")
       .def("__call__", &BoundPackedLinear::operator(), pybind11::arg("x"), pybind11::arg("out"),
            pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("cpu_has_amx_int8", &cpu_has_amx_int8, "Whether the CPU has AMX-INT8 (avx512_vnni prefill then runs oneDNN).");

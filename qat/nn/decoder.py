@@ -5,10 +5,10 @@ mask construction, per-layer module dispatch, logits processors). This loop runs
 weights: a static KV cache preallocated for the whole sequence, q/k/v and up/gate fused into one packed matmul each
 (one pass over the packed weights, one int8 quantization of the shared input, which the separate layers would each
 repeat with identical results), called straight on their kernel, which also computes the RMSNorm before each of
-them. A decode step's work between the matmuls is a short fixed list of aten calls on preallocated buffers (about 10
-per layer, where HF's modules take about 70): RoPE as one complex multiply (q/k rows in Meta's pair order),
-attention as two ``bmm`` and a softmax over the cache (GQA without copies); a prompt (several positions) runs
-``scaled_dot_product_attention``.
+them. A decode step's work between the matmuls is a short fixed list of calls on preallocated buffers (5 per layer,
+where HF's modules take about 70): the attention of the new position is one native call bound to the cache
+(``qat.kernels.attention``: RoPE on q/k rows in Meta's pair order, the cache write, softmax(qK)V with GQA without
+copies); a prompt (several positions) runs RoPE as one complex multiply and ``scaled_dot_product_attention``.
 Logits equal the packed HF model's to fp32 rounding, which differs in the last bit from HF's modules and so can move
 an int8 activation code that lands at a rounding boundary by one step, as between an fp32 HF export and its QAT
 model (``qat/eval/agreement.py``; ``tests/nn/test_decoder.py``).
@@ -28,9 +28,10 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import SiLUActivation
+from transformers.activations import ReLUSquaredActivation, SiLUActivation
 
 from qat.errors import QATError
+from qat.kernels.attention import bind_decode_attention
 from qat.kernels.packed_linear import bind_packed_linear, rms_norm
 from qat.nn.packed_linear import PACKERS, PackedLinear, Q8_0Linear
 
@@ -120,42 +121,50 @@ def rope_table(inv_freq: torch.Tensor, scaling: float, positions: int) -> torch.
     return torch.complex(freqs.cos() * scaling, freqs.sin() * scaling)[:, None]
 
 
-def _bind(layer: PackedLinear, norm_weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(x_and_floor, out) -> out``: ``layer`` on the ``rms_norm`` of its input, the norm inside the native call."""
-    matmul = bind_packed_linear(layer.packed, layer.scale, layer.bits, layer.in_features, layer.group_size,
-                                norm_weight)
-    if layer.bias is None:
-        return matmul
-    bias = layer.bias.float()
-    return lambda x, out: matmul(x, out).add_(bias)
+def _bind(layer: PackedLinear, norm_weight: torch.Tensor, residual: bool = False, gated_activation: str | None = None
+          ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(x_and_floor, out) -> out``: ``layer`` on the ``rms_norm`` of its input, the norm, the bias and the epilogues
+    (``residual``, ``gated_activation``) inside the native call (``bind_packed_linear``)."""
+    return bind_packed_linear(layer.packed, layer.scale, layer.bits, layer.in_features, layer.group_size, norm_weight,
+                              None if layer.bias is None else layer.bias.float(), residual, gated_activation)
+
+
+def gated_activation_name(act: nn.Module) -> str | None:
+    """The ``GATED_ACTIVATIONS`` name of an FFN activation module (the up/gate matmul's epilogue computes it), or
+    None for one it does not implement (the decoder then applies the module itself)."""
+    if isinstance(act, nn.SiLU | SiLUActivation):
+        return "silu"
+    if isinstance(act, ReLUSquaredActivation):
+        return "relu2"
+    return None
 
 
 def _activation(act: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """``act`` applied in place (the gate's buffer is the FFN product's)."""
-    if isinstance(act, nn.SiLU | SiLUActivation):
-        return lambda gate: F.silu(gate, inplace=True)
     return lambda gate: gate.copy_(act(gate))
 
 
 class _Layer(NamedTuple):
     """One decoder layer, as the forward loop unpacks it: its packed matmuls with q/k/v and up/gate fused
     (``attention_qkv``, ``fuse_packed_linears``), each bound to its kernel with the norm before it (input, attention
-    sub-norm, post-attention, FFN sub-norm; ``bind_packed_linear``: ``(x_and_floor, out) -> out``); its FFN
-    activation, in place."""
+    sub-norm, post-attention, FFN sub-norm; ``bind_packed_linear``: ``(x_and_floor, out) -> out``), o and down adding
+    into the residual stream, up/gate leaving the FFN product in its gate half; ``act``: None, or the FFN activation
+    (in place) where the up/gate call does not compute it (``gated_activation_name``)."""
     qkv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     o_proj: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     up_gate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     down_proj: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    act: Callable[[torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 class _Buffers:
     """The activations of a forward over ``tokens`` positions, which every layer overwrites in turn, and the views the
     layers read of them (one decode step reuses one set: no allocation, no view op per layer). The inputs of norms
-    (residual stream, attention output, FFN product) each have a last column holding ``rms_floor``."""
+    (residual stream, attention output, FFN product) each have a last column holding ``rms_floor``. A prompt's
+    attention reads the q/k/v views; a decode step's (``bind_decode_attention``) reads ``qkv`` itself."""
 
     def __init__(self, tokens: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float):
-        groups, q_size = heads // kv_heads, heads * head_dim
+        q_size = heads * head_dim
         self.residual = torch.empty(tokens, q_size + 1)
         self.residual[:, -1] = rms_floor(q_size, eps)
         self.x = self.residual[:, :-1]                                # (T, hidden)
@@ -167,20 +176,15 @@ class _Buffers:
         self.attn_and_floor = torch.empty(tokens, q_size + 1)
         self.attn_and_floor[:, -1] = rms_floor(q_size, eps)
         self.attn = self.attn_and_floor[:, :-1]
-        if tokens == 1:
-            # GQA without copies: the `groups` query heads of a kv head are adjacent rows of one matmul.
-            self.q, self.attn_heads = q.view(kv_heads, groups, head_dim), self.attn.view(kv_heads, groups, head_dim)
-        else:   # (1, heads, T, head_dim) for sdpa, and (heads, T, head_dim) over the output buffer
-            self.q, self.attn_heads = q.view(tokens, heads, head_dim).transpose(0, 1)[None], \
-                self.attn.view(tokens, heads, head_dim).transpose(0, 1)
-        self.o = torch.empty(tokens, q_size)
-        # up, then gate: the FFN product silu(gate) * up is computed over gate, followed by the floor.
+        # (1, heads, T, head_dim) for sdpa, and (heads, T, head_dim) over the output buffer
+        self.q = q.view(tokens, heads, head_dim).transpose(0, 1)[None]
+        self.attn_heads = self.attn.view(tokens, heads, head_dim).transpose(0, 1)
+        # up, then gate: the FFN product act(gate) * up is computed over gate, followed by the floor.
         self.up_gate_and_floor = torch.empty(tokens, 2 * intermediate + 1)
         self.up_gate_and_floor[:, -1] = rms_floor(intermediate, eps)
         self.up_gate = self.up_gate_and_floor[:, :-1]
         self.up, self.gate = self.up_gate.chunk(2, dim=-1)
         self.ffn_and_floor = self.up_gate_and_floor[:, intermediate:]
-        self.down = torch.empty(tokens, q_size)
 
 
 class PackedDecoder:
@@ -228,9 +232,12 @@ class PackedDecoder:
             qkv = attention_qkv(attn, self.heads, self.kv_heads, self.head_dim)
             up_gate = fuse_packed_linears([mlp.up_proj, mlp.gate_proj])
             layer_norms = (layer.input_layernorm, attn.attn_sub_norm, layer.post_attention_layernorm, mlp.ffn_sub_norm)
-            self.layers.append(_Layer(*(_bind(matmul, rms_norm_weight(norm)) for matmul, norm in
-                                        zip((qkv, attn.o_proj, up_gate, mlp.down_proj), layer_norms)),
-                                      _activation(mlp.act_fn)))
+            weights = [rms_norm_weight(norm) for norm in layer_norms]
+            gated = gated_activation_name(mlp.act_fn)
+            self.layers.append(_Layer(_bind(qkv, weights[0]), _bind(attn.o_proj, weights[1], residual=True),
+                                      _bind(up_gate, weights[2], gated_activation=gated),
+                                      _bind(mlp.down_proj, weights[3], residual=True),
+                                      None if gated else _activation(mlp.act_fn)))
             norms += layer_norms
         self.final_norm = rms_norm_weight(inner.norm)
         eps = {norm.variance_epsilon for norm in norms}
@@ -238,7 +245,7 @@ class PackedDecoder:
             raise DecoderError(f"the packed decoder runs norms with one eps, this model's have {sorted(eps)}")
         self.eps = eps.pop()
         self.q_size = self.heads * self.head_dim
-        self.kv_cache = self.rope = None
+        self.kv_cache = self.rope = self.attend = None
         self.step_buffers = self._buffers(1)
         self.length = 0
 
@@ -251,6 +258,7 @@ class PackedDecoder:
         # Keys hold their head dims in the pair order of ``attention_qkv``, as the queries do.
         self.kv_cache = torch.zeros(len(self.layers), 2, self.kv_heads, max_len, self.head_dim)
         self.rope = rope_table(self.inv_freq, self.rope_scaling, max_len)
+        self.attend = bind_decode_attention(self.rope, self.kv_cache)
         self.length = 0
 
     @torch.no_grad()
@@ -264,40 +272,39 @@ class PackedDecoder:
         if end > self.kv_cache.shape[3]:
             raise DecoderError(f"sequence of {end} tokens exceeds the cache of {self.kv_cache.shape[3]}; reset "
                                "with a larger max_len")
-        # Per layer, a fixed list of aten calls on preallocated buffers and views: in a decode step each costs more
-        # than its arithmetic (more still right after a packed matmul has streamed megabytes of weights through the
+        # Per layer, a fixed list of calls on preallocated buffers and views: in a decode step each costs more than
+        # its arithmetic (more still right after a packed matmul has streamed megabytes of weights through the
         # caches), so every op, view and module call left out counts.
         step = tokens == 1
         buf = self.step_buffers if step else self._buffers(tokens)
-        residual, x, qkv, qk, new_kv, q = buf.residual, buf.x, buf.qkv, buf.qk, buf.new_kv, buf.q
-        attn_and_floor, attn_heads, o = buf.attn_and_floor, buf.attn_heads, buf.o
-        up_gate, up, gate, ffn_and_floor, down = buf.up_gate, buf.up, buf.gate, buf.ffn_and_floor, buf.down
-        rope = self.rope[start:end]                             # (T, 1, head_dim / 2) complex
-        slots = self.kv_cache[:, :, :, start:end].unbind(0)     # per layer (2, kv_heads, T, head_dim)
-        keys, values = self.kv_cache[:, 0, :, :end], self.kv_cache[:, 1, :, :end]   # (layers, kv_heads, end, D)
-        keys, values = (keys.mT if step else keys).unbind(0), values.unbind(0)
-        if not step:
+        residual, x, qkv, attn_and_floor = buf.residual, buf.x, buf.qkv, buf.attn_and_floor
+        up_gate, up, gate, ffn_and_floor = buf.up_gate, buf.up, buf.gate, buf.ffn_and_floor
+        if step:
+            attend, attn = self.attend, buf.attn
+        else:
+            rope = self.rope[start:end]                             # (T, 1, head_dim / 2) complex
+            slots = self.kv_cache[:, :, :, start:end].unbind(0)     # per layer (2, kv_heads, T, head_dim)
+            keys, values = self.kv_cache[:, 0, :, :end].unbind(0), self.kv_cache[:, 1, :, :end].unbind(0)
             # New queries see every cached position and the new ones up to their own (causal within the block).
             mask = None if start == 0 else torch.ones(tokens, end, dtype=torch.bool).tril(start)
             gqa = self.heads > self.kv_heads
-        bmm, softmax = torch.bmm, torch.softmax
         x.copy_(F.embedding(ids[0], self.embed.weight))
         # Each packed matmul normalizes its input itself (``_bind``): it reads the buffer with the floor column.
-        for (qkv_proj, o_proj, up_gate_proj, down_proj, act), slot, layer_keys, layer_values in \
-                zip(self.layers, slots, keys, values):
+        for index, (qkv_proj, o_proj, up_gate_proj, down_proj, act) in enumerate(self.layers):
             qkv_proj(residual, qkv)   # q comes out scaled by 1 / sqrt(head_dim)
-            qk.mul_(rope)
-            slot.copy_(new_kv)
             if step:
-                bmm(softmax(bmm(q, layer_keys), -1), layer_values, out=attn_heads)
+                attend(qkv, index, start, attn)
             else:
-                attn_heads.copy_(F.scaled_dot_product_attention(
-                    q, layer_keys[None], layer_values[None], attn_mask=mask, is_causal=mask is None, scale=1.0,
-                    enable_gqa=gqa)[0])
-            x.add_(o_proj(attn_and_floor, o))
-            up_gate_proj(residual, up_gate)
-            act(gate).mul_(up)                                      # the FFN product, over gate
-            x.add_(down_proj(ffn_and_floor, down))
+                buf.qk.mul_(rope)
+                slots[index].copy_(buf.new_kv)
+                buf.attn_heads.copy_(F.scaled_dot_product_attention(
+                    buf.q, keys[index][None], values[index][None], attn_mask=mask, is_causal=mask is None,
+                    scale=1.0, enable_gqa=gqa)[0])
+            o_proj(attn_and_floor, x)                               # adds into the residual stream
+            up_gate_proj(residual, up_gate)                         # the FFN product, over gate
+            if act is not None:
+                act(gate).mul_(up)
+            down_proj(ffn_and_floor, x)
         self.length = end
         # The head over every prompt position is a vocab-wide GEMM that greedy decoding never reads.
         if last_only:

@@ -42,15 +42,6 @@ SHAPES = [(1, 1, 1, 1), (1, 7, 300, 1), (1, 130, 4096, 1), (1, 293, 1024, 2), (1
           (64, 70, 1536, 3), (11, 64, 8192, 16), (257, 37, 300, 1), (258, 9, 1024, 2)]
 
 
-@pytest.fixture(params=CPU_PATHS)
-def forced_path(request, monkeypatch):
-    ok, why = path_support(request.param)
-    if not ok:
-        pytest.skip(f"path {request.param}: {why}")
-    monkeypatch.setenv("QAT_KERNEL_PATH", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_path_matches_float64_reference(forced_path, bits, shape):
@@ -118,6 +109,57 @@ def test_bound_packed_linear_with_norm_is_the_packed_linear_of_the_rms_norm(forc
         return
     with pytest.raises(RuntimeError, match="must be float32 \\(tokens, 1001\\)"):
         bind_packed_linear(packed, scale, bits, n, n, norm_weight=weight)(x, out)
+
+
+# float64 activation and a bound on |act'| near g (the error a perturbation of g makes, per unit)
+GATED_REFERENCE = {"silu": (lambda g: g * torch.sigmoid(g), lambda g: torch.full_like(g, 1.1)),
+                   "relu2": (lambda g: g.clamp(min=0) ** 2, lambda g: 2 * g.abs() + 1)}
+
+
+@pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
+@pytest.mark.parametrize("epilogue", ["bias", "residual", "silu", "relu2", "bias+silu+residual"])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_bound_packed_linear_epilogues_are_float64_epilogues(forced_path, bits, epilogue, tokens):
+    """``bind_packed_linear``'s epilogues (the decoder's bias, FFN activation over the fused up/gate output, residual
+    add) on every path, against the float64 packed linear followed by them in float64: bias added, then act(gate) *
+    up left in the gate half (up unchanged), then the result added to ``out``'s old values. Each element is held to
+    an error bound carried through those operations from the matmul's (1e-6 of its sum of |terms|) with 1e-6
+    relative per operation (fp32 rounds at 6e-8); a missing or misplaced step moves outputs by O(1). With 4 tokens
+    ``out`` is a strided view (a prompt's buffers), which runs the Python epilogue after the native matmul."""
+    rows, n = 34, 1000
+    codes, packed, scale, x = random_problem(bits, tokens, rows, n, 1, seed=len(epilogue) + bits + tokens)
+    gen = torch.Generator().manual_seed(tokens)
+    bias = torch.randn(rows, generator=gen) if "bias" in epilogue else None
+    gated = next((name for name in GATED_REFERENCE if name in epilogue), None)
+    residual = "residual" in epilogue
+    wide = torch.randn(tokens, rows + 3, generator=gen) * 10
+    out = wide[:, 1:1 + rows] if tokens > 1 else wide[:, :rows].contiguous()
+    wide_before, before = wide.clone(), out.clone()
+    matmul = bind_packed_linear(packed, scale, bits, n, n, bias=bias, residual=residual, gated_activation=gated)
+    assert matmul(x, out) is out
+
+    want = reference_packed_linear(x, codes, scale)
+    bound = 1e-6 * reference_packed_linear(x.abs(), codes.abs(), scale)   # the matmul's sum of |terms|
+    if bias is not None:
+        want = want + bias.double()
+        bound = bound + 1e-6 * want.abs()
+    if gated is not None:
+        act, slope = GATED_REFERENCE[gated]
+        (up, gate), (up_bound, gate_bound) = want.chunk(2, dim=-1), bound.chunk(2, dim=-1)
+        product = act(gate) * up
+        want = torch.cat((up, product), dim=-1)
+        bound = torch.cat((up_bound, slope(gate) * gate_bound * up.abs() + act(gate).abs() * up_bound
+                           + 1e-6 * product.abs()), dim=-1)
+    if residual:
+        want = want + before.double()
+        bound = bound + 1e-6 * want.abs()
+    assert torch.isfinite(out).all()
+    excess = (out.double() - want).abs() - bound
+    assert (excess <= 0).all(), f"off by {excess.max():.3g} beyond the rounding bound"
+    if tokens > 1:   # the columns around the strided out are untouched
+        assert torch.equal(wide[:, [0, -2, -1]], wide_before[:, [0, -2, -1]])
+    with pytest.raises(ValueError, match="gated_activation 'gelu' is not one of"):
+        bind_packed_linear(packed, scale, bits, n, n, gated_activation="gelu")
 
 
 @pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])

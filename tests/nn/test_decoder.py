@@ -62,11 +62,12 @@ def test_logits_equal_the_packed_hf_models(weight, kv_heads):
     assert_logits_match(got, want)
 
 
-@pytest.mark.parametrize("hidden_act", [None, "silu"])
+@pytest.mark.parametrize("hidden_act", [None, "silu", "gelu"])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 def test_logits_equal_the_packed_hf_models_fed_in_chunks(kv_heads, hidden_act):
     """Prompts of several positions after cached ones (the masked attention path), single steps between them; GQA
-    down to one kv head, and both FFN activations (relu², the llama.cpp recipe's SiLU)."""
+    down to one kv head, and FFN activations: relu² and the llama.cpp recipe's SiLU (computed in the up/gate call's
+    epilogue) and GELU (applied by the decoder after the call)."""
     model = packed_bitnet("absmean_ternary", kv_heads, hidden_act=hidden_act)
     ids = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
