@@ -270,7 +270,7 @@ def test_native_op_rejects_wrong_in_features():
         packed_linear(x, packed, scale, 2, 301, 301)
 
 
-@pytest.mark.parametrize("rows,k", [(1, 1), (7, 33), (33, 1000), (130, 1536)])
+@pytest.mark.parametrize("rows,k", [(1, 1), (7, 33), (33, 1000), (130, 1536), (1003, 70)])
 def test_dense_gemv_matches_float64_reference(forced_path, rows, k):
     """The full-precision head's one-token GEMV (every path) against float64: within fp32 accumulation error, far
     below what one missed or doubled product (~1/k of the sum of |w x|) would add."""
