@@ -1660,15 +1660,56 @@ void rms_norm_rows(const at::Tensor& x_and_floor, const float* w, int64_t n, flo
 // decode step and alone, Zen 3), this loop a few us. Its epilogues, in this order, replace the aten ops that followed
 // each matmul of a layer (2-5 us each in a decode step): `bias` is added; `gated` (kSiLU, kReLU2) takes the output's
 // halves as up and gate (the fused up/gate matmul) and leaves act(gate) * up in the gate half, with torch's formulas
-// and roundings (F.silu: g / (1 + exp(-g)); relu(g) squared) up to exp's last bit; `residual` adds the result to out
-// (the residual stream) instead of writing it.
+// and roundings (F.silu: g / (1 + exp(-g)); relu(g) squared) up to exp's last 2 bits (exp_avx2); `residual` adds the
+// result to out (the residual stream) instead of writing it.
 enum GatedActivation : int64_t { kNone = 0, kSiLU = 1, kReLU2 = 2 };
 
-void gated_product(float* y, int64_t tokens, int64_t width, int64_t act) {
+// exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial, times 2^n applied as two
+// halves so that n may run from -150 to 128): within 2 ulp of the true value, overflowing to inf past 88.72 and
+// rounding through the subnormals to 0 near -104 like glibc's expf; NaN stays NaN (max/min return their second operand
+// on NaN). glibc's expf one value at a time made the SiLU epilogue cost ~28 us per 8192-wide up/gate output against
+// ~19 us for torch's vectorized silu_ + mul_ (Zen 3); this one ~5 us.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 exp_avx2(__m256 x) {
+  const __m256 clamped = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);   // ln2 in two parts: n * hi is exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256 first = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 second = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, first), second);
+}
+
+__attribute__((target("avx2,fma"))) void silu_product_avx2(const float* up, float* gate, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 sigmoid_den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+    _mm256_storeu_ps(gate + i, _mm256_mul_ps(_mm256_div_ps(g, sigmoid_den), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+// simd: the kernel path is avx2 or avx512_vnni (both have AVX2 and FMA); portable computes glibc's expf per value
+void gated_product(float* y, int64_t tokens, int64_t width, int64_t act, bool simd) {
   const int64_t half = width / 2;
   for (int64_t t = 0; t < tokens; ++t) {
     const float* up = y + t * width;
     float* gate = y + t * width + half;
+    if (act == kSiLU && simd) {
+      silu_product_avx2(up, gate, half);
+      continue;
+    }
     for (int64_t i = 0; i < half; ++i) {
       const float g = gate[i];
       const float r = g > 0.0f ? g : 0.0f;
@@ -1712,7 +1753,7 @@ struct BoundPackedLinear {
       for (int64_t t = 0; t < out.size(0); ++t)
         for (int64_t i = 0; i < out.size(1); ++i) yp[t * out.size(1) + i] += b[i];
     }
-    if (gated != kNone) gated_product(y.data_ptr<float>(), out.size(0), out.size(1), gated);
+    if (gated != kNone) gated_product(y.data_ptr<float>(), out.size(0), out.size(1), gated, path != "portable");
     if (residual) {
       float* o = out.data_ptr<float>();
       for (int64_t i = 0; i < out.numel(); ++i) o[i] += result[i];

@@ -162,6 +162,38 @@ def test_bound_packed_linear_epilogues_are_float64_epilogues(forced_path, bits, 
         bind_packed_linear(packed, scale, bits, n, n, gated_activation="gelu")
 
 
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_silu_epilogue_is_float64_silu_over_exp_range(forced_path, tokens):
+    """The SiLU epilogue alone (the matmul's input is zero, so up and gate are exactly the bias) over gate values
+    spanning exp's whole fp32 range and its edges: exp(-g) subnormal (g near 100), 1 (g = 0), overflowing (g < -88.72),
+    random values in [-20, 20], and a NaN that must stay NaN. Each product is held to 5e-7 of its float64 value (exp
+    within 2 ulp, then three roundings: 4.2e-7) plus 4e-37 |up| where exp(-g) overflows (every implementation gives 0
+    there; the true value is below 104 e^-88.72 |up|). One token runs the native epilogue (vectorized exp on the
+    SIMD paths, glibc's expf on portable), two tokens into a strided view the Python one (F.silu)."""
+    gen = torch.Generator().manual_seed(7)
+    edges = torch.tensor([-110.0, -104.0, -103.5, -95.0, -88.8, -88.72, -88.5, -87.4, -87.3, -86.9, -30.0, -1e-30,
+                          0.0, 1e-30, 1e-3, 30.0, 86.9, 87.3, 87.4, 88.5, 88.8, 95.0, 104.0, 110.0, float("nan")])
+    gate = torch.cat((edges, torch.linspace(-100, 100, 201), torch.rand(300, generator=gen) * 40 - 20))
+    up = torch.randn(gate.numel(), generator=gen) * 4
+    rows, n = 2 * gate.numel(), 64
+    codes, packed, scale, _ = random_problem(2, tokens, rows, n, 1, seed=3)
+    x = torch.zeros(tokens, n)
+    wide = torch.zeros(tokens, rows + 1)
+    out = wide[:, 1:] if tokens > 1 else wide[:, :rows].contiguous()
+    bind_packed_linear(packed, scale, 2, n, n, bias=torch.cat((up, gate)), gated_activation="silu")(x, out)
+
+    assert torch.equal(out[:, :gate.numel()], up.expand(tokens, -1))
+    g, u = gate.double(), up.double()
+    want = g * torch.sigmoid(g) * u
+    bound = 5e-7 * want.abs() + torch.where(g < -88.72, 4e-37 * u.abs(), 0)
+    product = out[:, gate.numel():].double()
+    nan_gate = torch.isnan(g)
+    assert nan_gate.sum() == 1 and torch.isnan(product[:, nan_gate]).all()
+    excess = (product[:, ~nan_gate] - want[~nan_gate]).abs() - bound[~nan_gate]
+    worst = g[~nan_gate][excess.max(0).values.argmax()]
+    assert (excess <= 0).all(), f"off by {excess.max():.3g} beyond the rounding bound (gate {worst})"
+
+
 @pytest.mark.parametrize("bits", [2, 1], ids=["ternary", "binary"])
 def test_amx_route_matches_the_reference_and_the_vnni_gemm(monkeypatch, bits):
     """avx512_vnni prefill on AMX CPUs: unpack to int8, oneDNN's int8 GEMM (at::_int_mm), the fp32 epilogue. Forced
