@@ -331,8 +331,9 @@ def q8_0_problem(tokens: int, rows: int, k: int, seed: int):
     return weight, codes, w_d.float(), qweight, scale, x
 
 
-# Sizes on and off the 32-value block and the 512-value chunk, one token (decode) and a prefill batch.
-Q8_0_SHAPES = [(1, 1, 32), (1, 70, 96), (2, 5, 600), (3, 33, 1536), (16, 100, 2048), (1, 130, 4100)]
+# Sizes on and off the 32-value block and the 512-value chunk, one token (decode) and a prefill batch; one token on
+# AVX2 reads 4 rows a quarter of each thread's range apart, plus leftovers (70, 130, 1003 rows).
+Q8_0_SHAPES = [(1, 1, 32), (1, 70, 96), (2, 5, 600), (3, 33, 1536), (16, 100, 2048), (1, 130, 4100), (1, 1003, 1024)]
 
 
 @pytest.mark.parametrize("shape", Q8_0_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -346,6 +347,8 @@ def test_q8_0_linear_matches_float64_reference(forced_path, shape):
     # Against the fp32 weights, loosely: each factor is rounded by up to half a step, 1/254 of its block's maximum.
     exact = x.double() @ weight.double().T
     assert ((y[0].double() - exact).abs() <= 0.02 * (x.double().abs() @ weight.double().abs().T)).all()
+    if tokens == 1 and forced_path != "torch":   # native decode tiles: each row's arithmetic as in the batched loop
+        assert torch.equal(y[0, 0], q8_0_linear(x.expand(2, k), qweight, scale, k)[1])
 
 
 def test_q8_0_reference_check_catches_one_wrong_code():
