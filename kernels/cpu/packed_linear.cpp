@@ -1784,6 +1784,21 @@ __attribute__((target("avx2,fma"))) void silu_product_avx2(const float* up, floa
   for (; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+// p[j] = exp(p[j] - top) for j < n, returning their sum: a softmax's numerators (decode attention, one query head).
+__attribute__((target("avx2,fma"))) float softmax_numerators_avx2(float* p, int64_t n, float top) {
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 sums = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p + j), shift));
+    _mm256_storeu_ps(p + j, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  float sum = hsum_ps_avx2(sums);
+  for (; j < n; ++j) sum += p[j] = std::exp(p[j] - top);
+  return sum;
+}
+
 // simd: the kernel path is avx2 or avx512_vnni (both have AVX2 and FMA); portable computes glibc's expf per value
 void gated_product(float* y, int64_t tokens, int64_t width, int64_t act, bool simd) {
   const int64_t half = width / 2;
@@ -1855,8 +1870,11 @@ struct BoundPackedLinear {
 struct BoundDecodeAttention {
   at::Tensor rope, kv_cache;
   int64_t layers, kv_heads, max_len, d;
+  bool simd;   // the softmax's exp: exp_avx2 on the SIMD paths, glibc's expf per value on portable
 
-  BoundDecodeAttention(at::Tensor rope_, at::Tensor kv_cache_) : rope(std::move(rope_)), kv_cache(std::move(kv_cache_)) {
+  BoundDecodeAttention(at::Tensor rope_, at::Tensor kv_cache_, const std::string& path)
+      : rope(std::move(rope_)), kv_cache(std::move(kv_cache_)), simd(path != "portable") {
+    TORCH_CHECK(cpu_has(path), "decode attention: this CPU cannot run the '", path, "' path");
     TORCH_CHECK(kv_cache.scalar_type() == at::kFloat && kv_cache.dim() == 5 && kv_cache.size(1) == 2 &&
                     kv_cache.is_contiguous() && kv_cache.size(4) % 2 == 0,
                 "decode attention: kv_cache must be contiguous float32 (layers, 2, kv_heads, max_len, head_dim) "
@@ -1919,7 +1937,11 @@ struct BoundDecodeAttention {
           top = std::max(top, p[j]);
         }
         float sum = 0;
-        for (int64_t j = 0; j < length; ++j) sum += p[j] = std::exp(p[j] - top);
+        if (simd) {
+          sum = softmax_numerators_avx2(p.data(), length, top);
+        } else {
+          for (int64_t j = 0; j < length; ++j) sum += p[j] = std::exp(p[j] - top);
+        }
         const float inv = 1.0f / sum;
         float* o = y + h * d;
         std::fill(o, o + d, 0.0f);
@@ -1937,7 +1959,8 @@ struct BoundDecodeAttention {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<BoundDecodeAttention>(m, "BoundDecodeAttention")
-      .def(pybind11::init<at::Tensor, at::Tensor>(), pybind11::arg("rope"), pybind11::arg("kv_cache"))
+      .def(pybind11::init<at::Tensor, at::Tensor, std::string>(), pybind11::arg("rope"), pybind11::arg("kv_cache"),
+           pybind11::arg("path"))
       .def("__call__", &BoundDecodeAttention::operator(), pybind11::arg("qkv"), pybind11::arg("layer"),
            pybind11::arg("position"), pybind11::arg("out"), pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<BoundPackedLinear>(m, "BoundPackedLinear")

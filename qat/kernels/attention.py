@@ -37,10 +37,12 @@ def bind_decode_attention(rope: torch.Tensor, kv_cache: torch.Tensor) -> DecodeA
     """``(qkv, layer, position, out) -> out``: ``decode_attention_torch`` over ``rope`` and ``kv_cache``, as one
     native call (the extension's ``BoundDecodeAttention``: 5 aten ops and 3 views a layer took 60-90 µs of a 700M
     decode step) on every CPU path but ``torch``, which runs ``decode_attention_torch`` itself. Each query head's
-    scores and weighted sum round differently from ``bmm``'s (fp32, the same values to a few ulps)."""
-    if selected_path() == "torch":
+    scores and weighted sum round differently from ``bmm``'s (fp32, the same values to a few ulps); the softmax's exp
+    is vectorized on the SIMD paths (within 2 ulp), glibc's ``expf`` on ``portable``."""
+    path = selected_path()
+    if path == "torch":
         return lambda qkv, layer, position, out: decode_attention_torch(qkv, rope, kv_cache, layer, position, out)
-    bound = load_cpu_extension().BoundDecodeAttention(torch.view_as_real(rope).contiguous(), kv_cache)
+    bound = load_cpu_extension().BoundDecodeAttention(torch.view_as_real(rope).contiguous(), kv_cache, path)
 
     def attend(qkv: torch.Tensor, layer: int, position: int, out: torch.Tensor) -> torch.Tensor:
         bound(qkv, layer, position, out)
