@@ -101,6 +101,9 @@ struct CacheLineAllocator {
 
 struct Activations {
   std::vector<int8_t, CacheLineAllocator<int8_t>> codes;   // (tokens, padded_k), zero-padded
+  // The codes of whole groups of kGroupTokens tokens interleaved per 32 columns, for the AVX2 ternary 1 x 8 tile
+  // (built only when that tile runs): token t of a group, columns 32 j .. 32 j + 31 at (j * 8 + t) * 32 of the group.
+  std::vector<int8_t, CacheLineAllocator<int8_t>> codes8;
   std::vector<float> scales;   // 127 / max|x| per token
 };
 
@@ -436,10 +439,17 @@ __attribute__((target("avx2"), always_inline)) inline void prefill_steps_4x2_avx
   "vpand " #ow "(%[q2],%[kw]), %[mask], %%ymm12\n\tvpand " #ow "(%[q3],%[kw]), %[mask], %%ymm13\n\t"               \
   QAT_TILE_TOKEN(#ox "(%[xa])", "0") QAT_TILE_TOKEN(#ox "(%[xb])", "1")
 
+// The 8 steps of one 64-byte block of a packed ternary row (column 256 b + 64 p + i is bits 2p..2p+1 of byte
+// 64 b + i): plane p's two 32-byte halves in column order, the activations `dx` bytes a step; step0 takes plane 0
+// (no shift), step(ow, ox, shift) the others.
+#define QAT_PACKED_BLOCK(step0, step, dx)                                                                         \
+  step0(0, 0) step0(32, dx) step(0, 2 * dx, 2) step(32, 3 * dx, 2) step(0, 4 * dx, 4) step(32, 5 * dx, 4)       \
+  step(0, 6 * dx, 6) step(32, 7 * dx, 6)
+
 // prefill_steps_4x2_avx2 reading the ternary rows packed (4 values a byte, qat/pack's block layout: column
 // 256 b + 64 p + i is bits 2p..2p+1 of byte 64 b + i) instead of unpacked: each row vector is a load, a shift (AVX2's
 // vpsrlw has no memory form) and a mask of the packed bytes, up to 8 ALU uops a step beside the 8 vpmaddubsw on Zen
-// 3's one multiply pipe, and no unpack pass (~22% of a batch-8 matmul's time by perf: 4 stores per 32 packed bytes,
+// 3's two multiply pipes, and no unpack pass (~22% of a batch-8 matmul's time by perf: 4 stores per 32 packed bytes,
 // and the unpacked rows took 4 KiB of L1 each). Blocks [block, block_end), 8 steps each; x advances 256 columns a
 // block.
 __attribute__((target("avx2"), always_inline)) inline void prefill_packed_steps_4x2_avx2(
@@ -452,14 +462,7 @@ __attribute__((target("avx2"), always_inline)) inline void prefill_packed_steps_
   const int64_t kw_end = block_end * kBlockBytes;
   const __m256i mask = _mm256_set1_epi8(0x03);
   asm("1:\n\t"
-      QAT_PACKED_STEP0(0, 0)
-      QAT_PACKED_STEP0(32, 32)
-      QAT_PACKED_STEP(0, 64, 2)
-      QAT_PACKED_STEP(32, 96, 2)
-      QAT_PACKED_STEP(0, 128, 4)
-      QAT_PACKED_STEP(32, 160, 4)
-      QAT_PACKED_STEP(0, 192, 6)
-      QAT_PACKED_STEP(32, 224, 6)
+      QAT_PACKED_BLOCK(QAT_PACKED_STEP0, QAT_PACKED_STEP, 32)
       "add $256, %[xa]\n\t"
       "add $256, %[xb]\n\t"
       "add $64, %[kw]\n\t"
@@ -472,12 +475,60 @@ __attribute__((target("avx2"), always_inline)) inline void prefill_packed_steps_
       : "cc", "memory", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
 }
 
-// Up to this many tokens the ternary AVX2 prefill tile reads the packed rows (prefill_packed_steps_4x2_avx2); from
-// there on rows are unpacked once per 4-row tile, which more tokens then reuse, and the tile's steps have 8 fewer
-// uops. Measured in turns in one process on Zen 3 (2 threads, weights streamed; 4096x4096, 4096x11008,
-// 1536x8192), times torch int8 dynamic, packed vs unpacked: batch 2 2.1-2.6x vs 1.6-1.9x, batch 8 1.16-1.60x vs
-// 1.15-1.34x, batch 16 1.32-1.58x vs 1.29-1.45x, batch 64 1.26-1.43x vs 1.34-1.49x.
-constexpr int64_t kPackedPrefillMaxTokens = 16;
+// 8 tokens' codes interleaved per 32 columns (Activations::codes8): step j of token group g holds token t's columns
+// 32 j .. 32 j + 31 at byte (g * steps + j) * 256 + 32 t, so the 1 x 8 tile below reads one stream.
+constexpr int64_t kGroupTokens = 8;
+
+// Fills a.codes8 from a.codes: whole groups of kGroupTokens tokens (a copy of 8 x padded_k bytes per group).
+void interleave_token_groups(Activations& a, int64_t tokens, int64_t padded_k) {
+  const int64_t groups = tokens / kGroupTokens, steps = padded_k / 32;
+  a.codes8.resize(groups * kGroupTokens * padded_k);
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t t = 0; t < kGroupTokens; ++t)
+        for (int64_t j = 0; j < steps; ++j)
+          std::memcpy(a.codes8.data() + ((g * steps + j) * kGroupTokens + t) * 32,
+                      a.codes.data() + (g * kGroupTokens + t) * padded_k + 32 * j, 32);
+  });
+}
+
+// One step of the 1 x 8 packed tile: the row vector in ymm13 times the 8 tokens' codes at ox (memory operands),
+// added into the 8 tokens' int16 accumulators.
+#define QAT_GROUP_TOKEN(ox, t, tmp)                                                                               \
+  "vpmaddubsw " #ox "+32*" #t "(%[x]), %%ymm13, %%" tmp "\n\tvpaddw %%" tmp ", %[s" #t "], %[s" #t "]\n\t"
+#define QAT_GROUP_TOKENS(ox)                                                                                      \
+  QAT_GROUP_TOKEN(ox, 0, "ymm14") QAT_GROUP_TOKEN(ox, 1, "ymm15") QAT_GROUP_TOKEN(ox, 2, "ymm14")               \
+  QAT_GROUP_TOKEN(ox, 3, "ymm15") QAT_GROUP_TOKEN(ox, 4, "ymm14") QAT_GROUP_TOKEN(ox, 5, "ymm15")               \
+  QAT_GROUP_TOKEN(ox, 6, "ymm14") QAT_GROUP_TOKEN(ox, 7, "ymm15")
+#define QAT_GROUP_STEP(ow, ox, shift)                                                                             \
+  "vmovdqu " #ow "(%[q]), %%ymm13\n\tvpsrlw $" #shift ", %%ymm13, %%ymm13\n\tvpand %%ymm13, %[mask], %%ymm13\n\t"  \
+  QAT_GROUP_TOKENS(ox)
+#define QAT_GROUP_STEP0(ow, ox) "vpand " #ow "(%[q]), %[mask], %%ymm13\n\t" QAT_GROUP_TOKENS(ox)
+
+// One packed ternary row x 8 tokens over `blocks` blocks from q (x: the tokens' interleaved codes of those
+// columns): s[t] += vpmaddubsw(row, token t). Per step the row vector is unpacked once (load, shift, mask) for 8
+// vpmaddubsw, where the 4 x 2 tile unpacks 4 rows for 8: 18 vector ALU uops a step instead of 24 on Zen 3's 4 vector
+// pipes (vpmaddubsw issues on 2 of them: 6 G/s a core alone, vpaddw 12 G/s), and the codes are memory operands
+// (L1: the caller walks K in chunks that every row of a block reuses). In L1, 1.23-1.46x the 4 x 2 tile's rate; in
+// the matmul (turns, Zen 3, 2 threads, weights streamed; 4096x4096, 4096x11008, 1536x8192), times torch int8
+// dynamic: batch 8 1.53-1.68x vs 1.33-1.54x, batch 16 1.48-1.68x vs 1.17-1.58x.
+__attribute__((target("avx2"), always_inline)) inline void prefill_packed_steps_1x8_avx2(const uint8_t* q,
+                                                                                       const int8_t* x,
+                                                                                       int64_t blocks,
+                                                                                       __m256i (&s)[8]) {
+  const uint8_t* q_end = q + blocks * kBlockBytes;
+  const __m256i mask = _mm256_set1_epi8(0x03);
+  asm("1:\n\t"
+      QAT_PACKED_BLOCK(QAT_GROUP_STEP0, QAT_GROUP_STEP, 256)
+      "add $2048, %[x]\n\t"
+      "add $64, %[q]\n\t"
+      "cmp %[q_end], %[q]\n\t"
+      "jb 1b"
+      : [q] "+r"(q), [x] "+r"(x), [s0] "+x"(s[0]), [s1] "+x"(s[1]), [s2] "+x"(s[2]), [s3] "+x"(s[3]),
+        [s4] "+x"(s[4]), [s5] "+x"(s[5]), [s6] "+x"(s[6]), [s7] "+x"(s[7])
+      : [q_end] "r"(q_end), [mask] "x"(mask)
+      : "cc", "memory", "xmm13", "xmm14", "xmm15");
+}
 
 // 32 stored values of a packed ternary row from column k (a multiple of 32), as bytes.
 __attribute__((target("avx2"), always_inline)) inline __m256i packed_ternary_step(const uint8_t* wrow, int64_t k) {
@@ -557,8 +608,8 @@ inline int64_t token_tiles(int64_t tokens) { return tokens / kPrefillTokens + to
 
 template <int RR, bool kPacked>
 void prefill_token_tiles_avx2(const Problem& p, const int32_t* xsums, const uint8_t* qrows, int64_t stride,
-                              int64_t n0, int64_t tokens, const NextRows& next, int64_t part, int64_t parts) {
-  int64_t t = 0;
+                              int64_t n0, int64_t t, int64_t tokens, const NextRows& next, int64_t part,
+                              int64_t parts) {
   for (; t + kPrefillTokens <= tokens; t += kPrefillTokens) {
     prefetch_slice(next, part++, parts);
     prefill_tile_avx2<RR, kPrefillTokens, kPacked>(p, xsums, qrows, stride, n0, t);
@@ -570,18 +621,65 @@ void prefill_token_tiles_avx2(const Problem& p, const int32_t* xsums, const uint
 }
 
 // Rows n0 .. n0 + count at qrows (`stride` apart: unpacked stored values, or with kPacked the ternary rows as packed),
-// times tokens 0 .. tokens, prefetching `next` meanwhile.
+// times tokens t0 .. tokens, prefetching `next` meanwhile.
 template <bool kPacked>
 void prefill_rows_avx2(const Problem& p, const int32_t* xsums, const uint8_t* qrows, int64_t stride, int64_t n0,
-                       int64_t count, int64_t tokens, const NextRows& next) {
-  const int64_t per_rows = token_tiles(tokens);
+                       int64_t count, int64_t t0, int64_t tokens, const NextRows& next) {
+  const int64_t per_rows = token_tiles(tokens - t0);
   const int64_t parts = (count / kPrefillRows + count % kPrefillRows) * per_rows;
   int64_t r = 0, part = 0;
   for (; r + kPrefillRows <= count; r += kPrefillRows, part += per_rows)
-    prefill_token_tiles_avx2<kPrefillRows, kPacked>(p, xsums, qrows + r * stride, stride, n0 + r, tokens, next, part,
-                                                    parts);
+    prefill_token_tiles_avx2<kPrefillRows, kPacked>(p, xsums, qrows + r * stride, stride, n0 + r, t0, tokens, next,
+                                                    part, parts);
   for (; r < count; ++r, part += per_rows)
-    prefill_token_tiles_avx2<1, kPacked>(p, xsums, qrows + r * stride, stride, n0 + r, tokens, next, part, parts);
+    prefill_token_tiles_avx2<1, kPacked>(p, xsums, qrows + r * stride, stride, n0 + r, t0, tokens, next, part,
+                                         parts);
+}
+
+// Rows n0 .. n0 + count (at most kGroupRows) x the 8 tokens of token group `group`, on the 1 x 8 packed tile. K is
+// walked in chunks of kGroupChunkBlocks blocks, each chunk through every row of the block, so the chunk's
+// activations (16 KiB) stay in L1 for all of them; a row's next chunk (past its end: the next block's row) is
+// prefetched while the block's other rows run. int16 bound: codes are within [-127, 127] and q <= 2, so a vpmaddubsw
+// adds <= 508 to a lane, 64 steps (8 blocks) <= 32512. 8-block chunks measured 3-5% faster than 4-block ones (in
+// turns, Zen 3, batch 8 and 16).
+constexpr int64_t kGroupRows = 8;
+constexpr int64_t kGroupChunkBlocks = 8;
+__attribute__((target("avx2,fma"))) void prefill_group_rows_avx2(const Problem& p, const int32_t* xsums, int64_t n0,
+                                                                int64_t count, int64_t group) {
+  constexpr int64_t chunk_blocks = kGroupChunkBlocks;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t t0 = group * kGroupTokens;
+  const int8_t* x8 = p.act->codes8.data() + t0 * p.padded_k;
+  int32_t qx[kGroupRows][kGroupTokens][64];
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m256i acc[kGroupRows][kGroupTokens];
+    for (int64_t r = 0; r < count; ++r)
+      for (int t = 0; t < kGroupTokens; ++t) acc[r][t] = _mm256_setzero_si256();
+    for (int64_t b0 = g * p.blocks_per_group; b0 < p.group_end(g); b0 += chunk_blocks) {
+      const int64_t b1 = std::min(b0 + chunk_blocks, p.group_end(g));
+      for (int64_t r = 0; r < count; ++r) {
+        const uint8_t* wrow = p.w + (n0 + r) * p.row_bytes;
+        const uint8_t* ahead = b1 < p.blocks() ? wrow + b1 * kBlockBytes : wrow + count * p.row_bytes;
+        for (int64_t b = 0; b < chunk_blocks; ++b)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + b * kBlockBytes), _MM_HINT_T0);
+        __m256i s[kGroupTokens];
+        for (int t = 0; t < kGroupTokens; ++t) s[t] = _mm256_setzero_si256();
+        prefill_packed_steps_1x8_avx2(wrow + b0 * kBlockBytes, x8 + b0 * 256 * kGroupTokens, b1 - b0, s);
+        for (int t = 0; t < kGroupTokens; ++t)
+          acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(s[t], ones));
+      }
+    }
+    for (int64_t r = 0; r < count; ++r)
+      for (int t = 0; t < kGroupTokens; ++t) qx[r][t][g] = hsum_avx2(acc[r][t]);
+  }
+  for (int t = 0; t < kGroupTokens; ++t) {
+    int64_t r = 0;
+    if (p.groups == 1)
+      for (; r + 4 <= count; r += 4)
+        finish4_spread(p, qx[r][t][0], qx[r + 1][t][0], qx[r + 2][t][0], qx[r + 3][t][0], xsums[t0 + t], n0 + r, 1,
+                       t0 + t);
+    for (; r < count; ++r) finish_row_unsigned(p, n0 + r, t0 + t, qx[r][t], xsums + (t0 + t) * p.groups);
+  }
 }
 
 // Ternary row n -> stored values q as bytes in column order.
@@ -692,20 +790,23 @@ template <bool AVX512>
 void ternary_rows_simd(const Problem& p, const int32_t* xsums, int64_t n0, int64_t n1) {
   constexpr int kRowTile = 4;
   // avx512_vnni runs 2+ tokens in the GEMM (gemm_ternary_avx512), so here it only decodes.
-  if (!AVX512 && p.tokens >= 2) {   // AVX2 prefill: kPrefillRows rows at a time (in L1), every token
-    const bool packed = p.tokens <= kPackedPrefillMaxTokens;
-    const int64_t stride = p.padded_k + kPrefillStridePad;
-    std::vector<uint8_t> qrows(packed ? 0 : kPrefillRows * stride);
-    for (int64_t n = n0; n < n1; n += kPrefillRows) {
-      const int64_t count = std::min<int64_t>(kPrefillRows, n1 - n);
-      const int64_t next_rows = std::min<int64_t>(kPrefillRows, n1 - n - count);
+  // AVX2 prefill, a block of rows at a time (in L1/L2), every token from the packed rows: whole groups of 8 tokens
+  // (those of Activations::codes8) on the 1 x 8 tile, the other (< 8) on the 4 x 2 tile. Both beat unpacking rows
+  // once per block for the 4 x 2 tile, which more tokens reuse (measured in turns on Zen 3, 2 threads, weights
+  // streamed, 4096x4096, 4096x11008, 1536x8192, times torch int8 dynamic; 1 x 8 vs unpacked rows: batch 24
+  // 1.43-1.63x vs 1.02-1.45x, batch 64 1.49-1.59x vs 1.16-1.53x; at 2-16 tokens the 4 x 2 tile on packed rows vs
+  // unpacked: batch 2 2.1-2.6x vs 1.6-1.9x).
+  if (!AVX512 && p.tokens >= 2) {
+    const int64_t grouped = static_cast<int64_t>(p.act->codes8.size()) / p.padded_k;
+    const int64_t block = grouped > 0 ? kGroupRows : kPrefillRows;
+    for (int64_t n = n0; n < n1; n += block) {
+      const int64_t count = std::min<int64_t>(block, n1 - n);
+      const int64_t next_rows = std::min<int64_t>(block, n1 - n - count);
       const NextRows next{p.w + (n + count) * p.row_bytes, next_rows * p.row_bytes};
-      if (packed) {
-        prefill_rows_avx2<true>(p, xsums, p.w + n * p.row_bytes, p.row_bytes, n, count, p.tokens, next);
-        continue;
-      }
-      for (int64_t r = 0; r < count; ++r) unpack_ternary_row_avx2(p, n + r, qrows.data() + r * stride);
-      prefill_rows_avx2<false>(p, xsums, qrows.data(), stride, n, count, p.tokens, next);
+      for (int64_t group = 0; group < grouped / kGroupTokens; ++group)
+        prefill_group_rows_avx2(p, xsums, n, count, group);
+      if (grouped < p.tokens)
+        prefill_rows_avx2<true>(p, xsums, p.w + n * p.row_bytes, p.row_bytes, n, count, grouped, p.tokens, next);
     }
     return;
   }
@@ -1029,7 +1130,7 @@ void binary_tiles_avx2(const Problem& p, const int32_t* xsums, const uint8_t* lu
       unpack_binary_tile(p, tile, qrows.data(), stride);
       const NextRows next{p.w + (tile + 1) * tile_bytes, tile + 1 < tile1 ? tile_bytes : 0};
       prefill_rows_avx2<false>(p, xsums, qrows.data(), stride, tile * kBinaryTile,
-                        std::min(kBinaryTile, p.rows - tile * kBinaryTile), first, next);
+                               std::min(kBinaryTile, p.rows - tile * kBinaryTile), 0, first, next);
     }
   }
   const int64_t lut_bytes = p.padded_k / 4 * kLutBytes;
@@ -1365,6 +1466,7 @@ void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, const at::
   // and the build ran before the fork. 2 threads, 4096x4096 binary, Sapphire Rapids class VM: in cache 68 -> 62 us
   // (avx2) and 61 -> 56 (VBMI), streamed 85 -> 80 and 88 -> 78.
   const bool own_tables = binary_lut && tokens == 1;
+  if (path == "avx2" && !binary && tokens >= kGroupTokens) interleave_token_groups(act, tokens, padded_k);
   if (binary_lut && !own_tables) {
     const int64_t first = first_lut_token(tokens);
     luts.resize((tokens - first) * lut_bytes);
