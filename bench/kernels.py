@@ -9,16 +9,17 @@ For (K, N) in (2048, 2048), (4096, 4096), (4096, 11008) and batch 1, 8, 64, time
 resident in cache (one weight reused) and streamed from memory (rotating over weight copies larger than twice the
 last-level cache), the packed kernels bound to their weights as the decoder calls them. Prints the best of --reps
 calls, ratios vs fp32 / bf16 / the best torch low-bit path, and the packed kernels' achieved GB/s over packed bytes
-vs the memory read bandwidth measured here. Then the fp32 lm_head GEMV a packed model keeps (torch vs qat) and its
-optional Q8_0 int8 copy, and end-to-end greedy decode tokens/s of BitNet models with random weights in the llama.cpp
-recipe's form: packed (``pack_model``, ternary and binary; decoded by HF ``generate`` and by qat's
-``PackedDecoder``, with the fp32 head and, ternary, the Q8_0 int8 head) vs the same model in HF fp32 and vs
-llama.cpp (llama-cpp-python) running qat's GGUF TQ2_0 / TQ1_0 export of the ternary model (shapes whose widths are
-multiples of 256 only), and a breakdown of one qat decode step. Models (``E2E_MODELS``): ``700M`` and ``1.3B`` = the
-BitNet b1.58 shapes of the paper's FAQ (hidden 1536 / 2048, FFN 4096 / 5460, 24 / 32 heads, 24 layers, LLaMA
-vocabulary 32000), ``24x2048`` = the 1.3B shape with FFN 5632 (a whole number of GGUF's 256-weight blocks, so
-llama.cpp runs it; issue 14's second shape), ``8x2048`` = 8 layers of it (16 heads), whose fp32 ``lm_head`` is a much
-larger share of the packed model's bytes, ``tiny`` = the tiny recipes' shape (a smoke run).
+vs the memory read bandwidth measured here (batch 1 streamed also with each kernel called back to back, in rounds
+alternating with the torch-sum roofline, against the roofline read beside it). Then the fp32 lm_head GEMV a packed
+model keeps (torch vs qat) and its optional Q8_0 int8 copy, and end-to-end greedy decode tokens/s of BitNet models
+with random weights in the llama.cpp recipe's form: packed (``pack_model``, ternary and binary; decoded by HF
+``generate`` and by qat's ``PackedDecoder``, with the fp32 head and, ternary, the Q8_0 int8 head) vs the same model
+in HF fp32 and vs llama.cpp (llama-cpp-python) running qat's GGUF TQ2_0 / TQ1_0 export of the ternary model (shapes
+whose widths are multiples of 256 only), and a breakdown of one qat decode step. Models (``E2E_MODELS``): ``700M``
+and ``1.3B`` = the BitNet b1.58 shapes of the paper's FAQ (hidden 1536 / 2048, FFN 4096 / 5460, 24 / 32 heads, 24
+layers, LLaMA vocabulary 32000), ``24x2048`` = the 1.3B shape with FFN 5632 (a whole number of GGUF's 256-weight
+blocks, so llama.cpp runs it; issue 14's second shape), ``8x2048`` = 8 layers of it (16 heads), whose fp32
+``lm_head`` is a much larger share of the packed model's bytes, ``tiny`` = the tiny recipes' shape (a smoke run).
 """
 
 import argparse
@@ -84,14 +85,20 @@ def interleaved_best_seconds(calls: dict, reps: int) -> dict:
     return best
 
 
+def sum_buffer(llc: int) -> torch.Tensor:
+    """int64s filling 4x the last-level cache (at least 1 GiB), for the torch-sum read roofline."""
+    return torch.ones(max(4 * llc, 1 << 30) // 8, dtype=torch.int64)
+
+
+def sum_read_gbps(buf: torch.Tensor, reps: int) -> float:
+    return buf.numel() * 8 / best_seconds(buf.sum, reps) / 1e9
+
+
 def memory_read_gbps(llc: int, reps: int) -> dict:
     """Read bandwidth from memory, all threads, two ways: a torch sum over int64s of a buffer 4x the last-level cache,
     and torch's fp32 GEMV (one token, weights rotating over copies filling 2x the cache), which on some CPUs reads
     faster than the sum (30 vs 23 GB/s on a Sapphire Rapids class VM); the roofline is the faster of the two."""
-    nbytes = max(4 * llc, 1 << 30)
-    buf = torch.ones(nbytes // 8, dtype=torch.int64)
-    summed = nbytes / best_seconds(buf.sum, max(5, reps // 3)) / 1e9
-    buf = None
+    summed = sum_read_gbps(sum_buffer(llc), max(5, reps // 3))
     k = n = 4096
     weights = Rotation(lambda _: torch.randn(n, k), 4 * n * k, 2 * llc, resident=False)
     x = torch.randn(1, k)
@@ -163,12 +170,28 @@ def make_methods(k: int, n: int, min_total: int, resident: bool):
             "ternary 2b": lambda: packed(2), "binary 1b": lambda: packed(1)}
 
 
+def alone_beside_roofline(calls: dict, reps: int, llc: int, rounds: int = 3) -> tuple[dict, float]:
+    """Each call run back to back (as the roofline's sum is, and as a decode loop calls a kernel), in rounds that
+    alternate with the torch-sum read roofline; the best of each over the rounds. On the shared VMs here the read
+    bandwidth drifts by 20-30% within minutes, so a roofline measured at the start of the run is no denominator for
+    a kernel timed ten minutes later (a Zen 3 run measured a kernel at 126% of it)."""
+    buf = sum_buffer(llc)
+    best = {name: float("inf") for name in calls}
+    summed = 0.0
+    for _ in range(rounds):
+        summed = max(summed, sum_read_gbps(buf, 3))
+        for name, fn in calls.items():
+            best[name] = min(best[name], best_seconds(fn, reps))
+    return best, summed
+
+
 def kernel_table(reps: int, llc: int, read_gbps: float, shapes=SHAPES) -> None:
     min_total = 2 * llc
     print("\n| K x N | batch | mode | " + " | ".join(
         ["fp32 ms", "bf16 ms", "int4 ms", "int8 ms", "tern ms", "bin ms",
          "tern/fp32", "tern/bf16", "tern/best-lowbit", "bin/fp32", "bin/bf16", "bin/best-lowbit",
-         "tern GB/s (% of read BW; streamed batch 1 also called alone)", "bin GB/s (same)"]) + " |")
+         "tern GB/s (% of read BW; streamed batch 1 also called alone, % of the sum read beside it)",
+         "bin GB/s (same)"]) + " |")
     print("|" + "---|" * 17)
     for k, n in shapes:
         for resident in (True, False):
@@ -184,7 +207,8 @@ def kernel_table(reps: int, llc: int, read_gbps: float, shapes=SHAPES) -> None:
                 if batch == 1 and not resident:
                     # Also each packed kernel called alone, as the roofline's GEMV is and as a decode loop calls it:
                     # after another method's call, an idle second vCPU takes 10-18 us to wake (kernels/README.md).
-                    back_to_back = {kernel: best_seconds(calls[kernel], reps) for kernel in ("ternary 2b", "binary 1b")}
+                    back_to_back, alone_sum = alone_beside_roofline(
+                        {kernel: calls[kernel] for kernel in ("ternary 2b", "binary 1b")}, reps, llc)
             del methods, calls
             # The denominator of the % columns: the read roofline measured at the start, or this shape's own streamed
             # fp32 GEMV (the same method, timed in turn with the packed kernels) where that read faster: on a shared
@@ -204,7 +228,8 @@ def kernel_table(reps: int, llc: int, read_gbps: float, shapes=SHAPES) -> None:
                     cell = f"{gbps:.1f}" + ("" if resident else f" ({100 * gbps / roofline:.0f}%)")
                     if batch == 1 and not resident:
                         alone = nbytes / back_to_back[kernel] / 1e9
-                        cell += f"; alone {alone:.1f} ({100 * alone / roofline:.0f}%)"
+                        beside = max(alone_sum, fp32_bytes / fp32_s / 1e9)
+                        cell += f"; alone {alone:.1f} ({100 * alone / beside:.0f}% of {beside:.1f})"
                     cells.append(cell)
                 mode = "cache" if resident else "stream"
                 print(f"| {k}x{n} | {batch} | {mode} | " + " | ".join(cells) + " |", flush=True)

@@ -35,8 +35,9 @@ pytestmark = pytest.mark.kernels
 # Decode (1 token) splits each thread's rows into 4 spread streams (ternary, AVX-512 and AVX2) or spread 32-row tiles
 # (binary: 4 on AVX-512 VBMI and on AVX2) plus leftovers: 130 / 293 / 300 rows (300: 5 tiles a thread, the last one
 # partial, row scales), per-group scales. Binary on AVX2 takes the table lookup up to 256 tokens and the unpacked
-# 4 x 2 tile above (257, 258 tokens), which ternary on AVX2 takes from 2 tokens on: reading the packed rows up to 16
-# tokens, rows unpacked from 17.
+# 4 x 2 tile above (257, 258 tokens). Ternary on AVX2 reads the packed rows from 2 tokens on: whole groups of 8 tokens
+# on the 1 x 8 tile (8-row blocks plus leftover rows; K chunks of 8 blocks, cut at group ends: 2560 / 2 groups = 5
+# blocks a group), the other tokens (9 -> 8 + 1, 14 -> 8 + 6, 257 -> 256 + 1) on the packed 4 x 2 tile.
 SHAPES = [(1, 1, 1, 1), (1, 7, 300, 1), (1, 130, 4096, 1), (1, 293, 1024, 2), (1, 300, 2048, 1), (1, 97, 1536, 3),
           (3, 33, 1000, 1), (5, 16, 1024, 2), (9, 65, 517, 1), (40, 24, 700, 1),
           (33, 19, 1536, 3), (2, 4, 4096, 4), (6, 6, 256, 1), (7, 37, 4096, 1), (8, 35, 1024, 2), (13, 3, 777, 1),
