@@ -285,8 +285,9 @@ def hf_runner(model):
 
 def decode_step_breakdown(decoder, reps: int = 20) -> dict:
     """Milliseconds of one decode step of ``decoder`` (a ``PackedDecoder`` after a 16-token prompt), and of its parts
-    run alone on same-shaped inputs: the packed matmuls (fused q/k/v, o, fused up/gate, down of every layer, each
-    with the RMSNorm of its input and its epilogue: residual add, FFN activation), the full-precision head (final
+    run on their own on same-shaped inputs, the step and the parts in turns (timed minutes apart on a shared VM, the
+    parts once summed to more than the step): the packed matmuls (fused q/k/v, o, fused up/gate, down of every layer,
+    each with the RMSNorm of its input and its epilogue: residual add, FFN activation), the full-precision head (final
     norm + lm_head); the rest (attention with RoPE and the cache write, embedding, Python) is the difference."""
     from qat.nn.decoder import rms_norm  # here: transformers imports a module named ``kernels`` (this file's name)
 
@@ -311,10 +312,11 @@ def decode_step_breakdown(decoder, reps: int = 20) -> dict:
 
     with torch.no_grad():
         decoder.reset(17)
-        total, matmuls = best_seconds(step, reps), best_seconds(packed, reps)
-        head = best_seconds(lambda: decoder.lm_head(rms_norm(x, residual, decoder.final_norm)), reps)
-    return {"step": total * 1e3, "packed matmuls": matmuls * 1e3, "head": head * 1e3,
-            "rest": (total - matmuls - head) * 1e3}
+        best = interleaved_best_seconds(
+            {"step": step, "packed": packed,
+             "head": lambda: decoder.lm_head(rms_norm(x, residual, decoder.final_norm))}, reps)
+    return {"step": best["step"] * 1e3, "packed matmuls": best["packed"] * 1e3, "head": best["head"] * 1e3,
+            "rest": (best["step"] - best["packed"] - best["head"]) * 1e3}
 
 
 LLAMACPP_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "bitnet-b158-tiny-llamacpp.yaml"
@@ -489,7 +491,7 @@ def end_to_end(name: str, new_tokens: int, threads: int) -> None:
               f"{forced['max_rel']:.2e} of the largest |logit|; median top-1 - top-2 margin "
               f"{forced['median_margin']:.4f} "
               f"vs median top-1 logit difference {forced['median_top1_diff']:.4f}")
-    print("One decode step of the qat decoder, ms (parts timed alone, best of 20):")
+    print("One decode step of the qat decoder, ms (the step and its parts timed in turns, best of 20 each):")
     print("| model | step | packed matmuls | head (norm + lm_head: fp32, or Q8_0 for int8 head) | rest |\n"
           "|---|---|---|---|---|")
     for kind, decoder in decoders.items():
