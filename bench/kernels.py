@@ -261,10 +261,14 @@ def head_table(reps: int, llc: int, read_gbps: float) -> None:
               flush=True)
 
 
-def decode_tokens_per_second(runners: dict, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> dict:
+E2E_ROUNDS = 5
+
+
+def decode_tokens_per_second(runners: dict, prompt: torch.Tensor, new_tokens: int, rounds: int = E2E_ROUNDS) -> dict:
     """Greedy-decode tokens/s of each runner (``runner(prompt, new_tokens) -> ids``), best of ``rounds`` runs taken in
     turns (A, B, C, A, B, C, ...), so that a burst of load on this shared machine hits one run of every runner rather
-    than all runs of one."""
+    than all runs of one. 5 rounds, not 3: on the Zen 3 VMs a slow minute once caught all 3 of one runner's runs
+    (24x2048: 1.58 s for 32 tokens where its step time, 33 ms, gives ~1.2 s)."""
     best = {name: float("inf") for name in runners}
     with torch.no_grad():
         for run in runners.values():   # warm up
@@ -473,8 +477,8 @@ def end_to_end(name: str, new_tokens: int, threads: int) -> None:
             llm.close()
     print(f"\nEnd-to-end greedy decode, BitNet {name} in the llama.cpp recipe's form (tied embeddings, SiLU-gated "
           f"FFN): {layers} layers, hidden {hidden}, intermediate {intermediate}, {heads} heads, vocab {vocab} "
-          f"({params / 1e6:.0f}M params), random weights, {new_tokens} new tokens after a 16-token prompt, best of 3 "
-          f"runs taken in turns, {threads} threads (llama.cpp: qat's GGUF export of the ternary model):")
+          f"({params / 1e6:.0f}M params), random weights, {new_tokens} new tokens after a 16-token prompt, best of "
+          f"{E2E_ROUNDS} runs taken in turns, {threads} threads (llama.cpp: qat's GGUF export of the ternary model):")
     print("| model | tokens/s | vs HF fp32 |\n|---|---|---|")
     for runner_name, tps in tokens_per_s.items():
         print(f"| {runner_name} | {tps:.2f} | {tps / tokens_per_s['HF fp32']:.1f}x |")
