@@ -31,15 +31,16 @@ pytestmark = pytest.mark.kernels
 # (tokens, out_features, in_features, groups): odd sizes, sizes off the 256/512 blocks, the token tile (4) and the
 # int8-GEMM batch (32, avx512_vnni with AMX only), per-group scales on block multiples. avx512_vnni's GEMM (2+ tokens)
 # splits tokens into near-equal tiles of <= 6 (7 -> 4 + 3, 8 -> 4 + 4, 13 -> 5 + 4 + 4, 64 -> 9 x 6 + 2 x 5) and rows
-# into 4-row register tiles plus single rows, unpacked rows padded off 4 KiB strides (in_features 4096, 8192).
-# Decode (1 token) splits each thread's rows into 4 spread streams (ternary, AVX-512 and AVX2) or spread 32-row tiles
-# (binary: 4 on AVX-512 VBMI and on AVX2) plus leftovers: 130 / 293 / 300 rows (300: 5 tiles a thread, the last one
-# partial, row scales), per-group scales. Binary on AVX2 takes the table lookup up to 256 tokens and the unpacked
-# 4 x 2 tile above (257, 258 tokens). Ternary on AVX2 reads the packed rows from 2 tokens on: whole groups of 8 tokens
-# on the 1 x 8 tile (8-row blocks plus leftover rows; K chunks of 8 blocks, cut at group ends: 2560 / 2 groups = 5
-# blocks a group), the other tokens (9 -> 8 + 1, 14 -> 8 + 6, 257 -> 256 + 1) on the packed 4 x 2 tile.
+# into 4-row register tiles plus single rows, unpacked rows padded off 4 KiB strides (in_features 4096, 8192). Decode (1
+# token) splits each thread's rows into 4 spread streams (ternary, AVX-512 and AVX2) or spread 32-row tiles (binary: 4
+# on AVX-512 VBMI and on AVX2) plus leftovers: 130 / 293 / 300 rows (300: 5 tiles a thread, the last one partial, row
+# scales), per-group scales; AVX2's 4-row ternary tile widens its int16 sums every 2 blocks, so 2560 / 2 groups (5
+# blocks a group) ends each group on a 1-block chunk. Binary on AVX2 takes the table lookup up to 256 tokens and the
+# unpacked 4 x 2 tile above (257, 258 tokens). Ternary on AVX2 reads the packed rows from 2 tokens on: whole groups of 8
+# tokens on the 1 x 8 tile (8-row blocks plus leftover rows; K chunks of 8 blocks, cut at group ends: 2560 / 2 groups =
+# 5 blocks a group), the other tokens (9 -> 8 + 1, 14 -> 8 + 6, 257 -> 256 + 1) on the packed 4 x 2 tile.
 SHAPES = [(1, 1, 1, 1), (1, 7, 300, 1), (1, 130, 4096, 1), (1, 293, 1024, 2), (1, 300, 2048, 1), (1, 97, 1536, 3),
-          (3, 33, 1000, 1), (5, 16, 1024, 2), (9, 65, 517, 1), (40, 24, 700, 1),
+          (1, 43, 2560, 2), (3, 33, 1000, 1), (5, 16, 1024, 2), (9, 65, 517, 1), (40, 24, 700, 1),
           (33, 19, 1536, 3), (2, 4, 4096, 4), (6, 6, 256, 1), (7, 37, 4096, 1), (8, 35, 1024, 2), (13, 3, 777, 1),
           (64, 70, 1536, 3), (11, 64, 8192, 16), (16, 10, 768, 1), (17, 10, 768, 1), (8, 21, 2560, 2),
           (14, 13, 1536, 1), (257, 37, 300, 1),
