@@ -331,9 +331,10 @@ __attribute__((target("avx2"), always_inline)) inline void finish4_spread(const 
 // kept for fewer rows) with 6 of the 8 int16 accumulators on the stack (a load and a store per row and half) and the
 // offsets recomputed each half, ~100 uops per 4 x 32 packed bytes whose work is 52 vector ALU uops; here the
 // accumulators, both masks and the half's 4 planes of codes stay in registers, and the widening into the int32 lanes
-// (`sums.acc`, every kChunkBlocks blocks) runs in the same loop. Measured in turns in one process on Zen 3 (2
-// threads, weights streamed, 8 rounds): 4096x4096 16.7 -> 20.0 GB/s, 4096x11008 16.5 -> 21.5 (medians; the torch
-// sum beside them read 18.4); in L2, 1 thread, 1.2-1.5x.
+// (`sums.acc`, every kChunkBlocks blocks) runs in the same loop. On Zen 3, where the decode was compute-bound (4096x4096
+// read 18 GB/s from L3 as from memory, 2 threads): in L2, 1 thread, 1.2-1.5x; from L3 18 -> 27 GB/s; streamed, in
+// turns in one process, both orders (8 rounds each, medians), 4096x4096 17.0 / 19.6 -> 17.5 / 21.7 GB/s and
+// 4096x11008 17.0 / 19.6 -> 18.1 / 22.6 beside a torch sum reading 19.9 / 20.7.
 struct alignas(32) DecodeSums {
   int32_t acc[4][8];   // each row's int32 lanes, at byte 32 r
   int16_t ones[16];    // at byte 128: vpmaddwd by ones adds int16 pairs into int32
