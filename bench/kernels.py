@@ -170,7 +170,12 @@ def make_methods(k: int, n: int, min_total: int, resident: bool):
             "ternary 2b": lambda: packed(2), "binary 1b": lambda: packed(1)}
 
 
-def alone_beside_roofline(calls: dict, reps: int, llc: int, rounds: int = 3) -> tuple[dict, float]:
+# Rounds of the "alone" measurement. 8, not 3: a round costs ~0.1 s, and on the Zen 3 VMs a slow phase of the
+# memory (the sum itself read 25.7 of 31.7 GB/s) once held all 3 rounds of a shape, when every kernel read less.
+ALONE_ROUNDS = 8
+
+
+def alone_beside_roofline(calls: dict, reps: int, llc: int, rounds: int = ALONE_ROUNDS) -> tuple[dict, float]:
     """Each call run back to back (as the roofline's sum is, and as a decode loop calls a kernel), in rounds that
     alternate with the torch-sum read roofline; the best of each over the rounds. On the shared VMs here the read
     bandwidth drifts by 20-30% within minutes, so a roofline measured at the start of the run is no denominator for
